@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mtpeft",
+    version="0.1.0",
+    description="Multitask parameter-efficient fine-tuning of code LLMs on DeepSpeed ZeRO-3 with NF4 and Triton kernels",
+    packages=find_packages(include=["mtpeft", "mtpeft.*"]),
+    package_data={"mtpeft": ["assets/**/*", "profile/archs/*.json"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "bitsandbytes>=0.45",
+        "datasets>=3.0",
+        "tensorboard>=2.15",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=7.0"]},
+    entry_points={"console_scripts": ["mtpeft=mtpeft.cli:main"]},
+)
