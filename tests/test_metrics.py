@@ -1,0 +1,134 @@
+"""Metrics against hand-computed values and independent float64 / brute-force references."""
+
+import itertools
+import math
+from collections import Counter
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from mtpeft.tasks.metrics import (
+    accuracy,
+    bleu,
+    chance_mrr,
+    code_tokenize,
+    em_at_k,
+    exact_match,
+    f1_binary,
+    map_at_r,
+    mrr,
+    pass_at_k,
+)
+
+
+def test_accuracy_and_f1_hand_values():
+    preds, labels = [1, 1, 0, 0, 1], [1, 0, 1, 0, 1]
+    assert accuracy(preds, labels) == pytest.approx(3 / 5)
+    # tp=2 (idx 0, 4), fp=1 (idx 1), fn=1 (idx 2): F1 = 2*2 / (2*2 + 1 + 1) = 2/3
+    assert f1_binary(preds, labels) == pytest.approx(2 / 3)
+    # positive=0: tp=1 (idx 3), fp=1 (idx 2), fn=1 (idx 1): F1 = 2 / 4
+    assert f1_binary(preds, labels, positive=0) == pytest.approx(0.5)
+    # no positive predicted, none gold: 0.0 by convention
+    assert f1_binary([0, 0], [0, 0]) == 0.0
+    with pytest.raises(ValueError):
+        accuracy([1], [1, 0])
+
+
+def test_mrr_ties_in_query_favour():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.8], [0.3, 0.6, 0.1]])
+    # q0: gold 0.9 is top -> rank 1; q1: gold (idx 2) ties 0.8 -> rank 1; q2: 0.6 > 0.3 -> rank 2
+    assert mrr(scores, [0, 2, 0]) == pytest.approx((1 + 1 + 0.5) / 3)
+    assert mrr(torch.tensor(scores, dtype=torch.float32), [0, 2, 0]) == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_chance_mrr_equals_brute_force_over_permutations():
+    assert chance_mrr(3) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    for c in (1, 4, 5):
+        # the gold item's position in a uniformly random ranking, averaged over all permutations
+        ranks = [perm.index(0) + 1 for perm in itertools.permutations(range(c))]
+        assert chance_mrr(c) == pytest.approx(sum(1 / r for r in ranks) / len(ranks))
+
+
+def test_map_at_r_hand_example():
+    # scalar embeddings, all positive: every query ranks the others by value 5 > 4 > 3 > 2 > 1.
+    emb = np.array([[5.0], [4.0], [3.0], [2.0], [1.0]])
+    labels = [0, 1, 0, 0, 1]
+    # item0 (R=2): top2 = [B, A] -> P@2 = 1/2 -> AP = 0.25; item1 (R=1): [A] -> 0
+    # item2 (R=2): [A(5), B(4)] -> AP = 1/2; item3 (R=2): [A(5), B(4)] -> 1/2; item4 (R=1): [A] -> 0
+    assert map_at_r(emb, labels) == pytest.approx((0.25 + 0 + 0.5 + 0.5 + 0) / 5)
+    # perfect clustering -> 1.0
+    emb2 = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert map_at_r(emb2, [0, 0, 1, 1]) == pytest.approx(1.0)
+
+
+def test_exact_match_and_em_at_k():
+    assert exact_match(["x =  1 ", "y"], ["x = 1", "z"]) == pytest.approx(0.5)
+    assert exact_match(["a\n\tb"], ["a b"]) == 1.0
+    cands = [["a", "b"], ["c", "d"]]
+    assert em_at_k(cands, ["b", "e"], k=1) == 0.0
+    assert em_at_k(cands, ["b", "e"], k=2) == pytest.approx(0.5)
+    assert em_at_k(cands, ["b", "e"], k=10) == pytest.approx(0.5)
+
+
+def test_code_tokenize():
+    assert code_tokenize('print("a b", x**2)') == ["print", "(", '"a b"', ",", "x", "**", "2", ")"]
+    assert code_tokenize("a.b+=1.5e3 # c") == ["a", ".", "b", "+=", "1.5e3", "#", "c"]
+    assert code_tokenize("f(x)") == code_tokenize("f ( x )")
+    assert code_tokenize("s = r'\\d' + '''x\ny'''") == ["s", "=", "r'\\d'", "+", "'''x\ny'''"]
+
+
+def _reference_bleu(preds, refs, max_n=4, smooth=True):
+    """Independent float64 BLEU: count n-grams by hand, apply the formula literally."""
+    num = np.zeros(max_n, dtype=np.float64)
+    den = np.zeros(max_n, dtype=np.float64)
+    c = r = 0
+    for p, g in zip(preds, refs):
+        pt, gt = code_tokenize(p), code_tokenize(g)
+        c, r = c + len(pt), r + len(gt)
+        for n in range(1, max_n + 1):
+            pc = Counter(tuple(pt[i : i + n]) for i in range(len(pt) - n + 1))
+            gc = Counter(tuple(gt[i : i + n]) for i in range(len(gt) - n + 1))
+            num[n - 1] += sum(min(v, gc[k]) for k, v in pc.items())
+            den[n - 1] += sum(pc.values())
+    if smooth:
+        num[1:] += 1
+        den[1:] += 1
+    if (num == 0).any():
+        return 0.0
+    bp = 1.0 if c > r else np.exp(1.0 - r / c)
+    return float(bp * np.exp(np.mean(np.log(num / den))))
+
+
+def test_bleu_hand_values():
+    # pred a = b + c / ref a = b + d: 1..4-gram matches 4/5, 3/4, 2/3, 1/2, BP = 1
+    assert bleu(["a = b + c"], ["a = b + d"], smooth=False) == pytest.approx(0.2**0.25)
+    # smoothed: 4/5, (3+1)/(4+1), (2+1)/(3+1), (1+1)/(2+1)
+    assert bleu(["a = b + c"], ["a = b + d"]) == pytest.approx((0.8 * 0.8 * 0.75 * (2 / 3)) ** 0.25)
+    # pred 3 tokens vs ref 5: precisions 1, no 4-grams -> 0 unsmoothed, BP = exp(1 - 5/3) smoothed
+    assert bleu(["a = b"], ["a = b + c"], smooth=False) == 0.0
+    assert bleu(["a = b"], ["a = b + c"]) == pytest.approx(math.exp(-2 / 3))
+    assert bleu(["x = 1"], ["x = 1"]) == pytest.approx(1.0)
+    assert bleu(["foo bar"], ["baz qux"]) == 0.0
+
+
+def test_bleu_matches_float64_reference_on_a_corpus():
+    preds = ["def f(x): return x+1", "y = [i*i for i in range(10)]", "print('hi')", "a = b"]
+    refs = ["def f(x): return x + 2", "y = [i ** 2 for i in range(10)]", "print(\"hi\")", "a = b + c"]
+    for smooth in (True, False):
+        for max_n in (2, 4):
+            want = _reference_bleu(preds, refs, max_n, smooth)
+            assert bleu(preds, refs, max_n=max_n, smooth=smooth) == pytest.approx(want, rel=1e-12)
+
+
+def test_pass_at_k_hand_and_exact_binomials():
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 8, 5) == 1.0  # n - c < k
+    for n, c, k in [(200, 37, 10), (200, 1, 100), (1000, 3, 1000), (20, 19, 1)]:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 5)
