@@ -1,0 +1,188 @@
+"""Exact parameter counts of a causal LM from its config alone.
+
+The model is built with ``AutoModelForCausalLM.from_config`` on the meta device, so a 34B
+architecture costs no memory and the counts come from the real transformers module tree (not from
+a formula that drifts when a family adds biases, GQA or tied heads). Parameters are split by what
+the planner does with them: decoder-block linears are quantizable (4-bit), everything else
+(embeddings, norms, linear biases, an untied LM head) stays in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple, Union
+
+import torch
+from torch import nn
+
+from mtpeft.errors import UserError
+
+ARCHS_DIR = Path(__file__).resolve().parent / "archs"
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One decoder-block linear: ``name`` relative to the block (``self_attn.q_proj``)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass
+class Architecture:
+    """What the planner and FLOP counter need to know about a model, counted exactly."""
+
+    name: str
+    config: Any
+    total_params: int
+    quantizable_linear_params: int
+    linear_bias_params: int
+    embedding_params: int
+    norm_params: int
+    lm_head_params: int
+    other_params: int
+    tied_lm_head: bool
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    gated_mlp: bool
+    block_linears: List[LinearShape] = field(default_factory=list)
+    block_norm_params: int = 0
+
+    @property
+    def block_linear_params(self) -> int:
+        return sum(s.in_features * s.out_features for s in self.block_linears)
+
+    @property
+    def non_quantized_params(self) -> int:
+        return self.total_params - self.quantizable_linear_params
+
+
+def known_architectures() -> List[str]:
+    return sorted(p.stem for p in ARCHS_DIR.glob("*.json"))
+
+
+def load_config_dict(name_or_path: Union[str, Path]) -> Tuple[str, Dict[str, Any]]:
+    """Short name (``codellama-34b``) or a local ``config.json`` (or a folder holding one)."""
+    text = str(name_or_path)
+    shipped = ARCHS_DIR / f"{text}.json"
+    if shipped.is_file():
+        path = shipped
+    else:
+        path = Path(text)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise UserError(
+                f"--model {text!r}: not a known architecture nor a config.json file; "
+                f"known: {', '.join(known_architectures())}"
+            )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable config.json ({exc}); pass a valid HF config.json") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise UserError(f"{path}: config.json has no 'model_type'; pass an HF model config.json")
+    return (text if path == shipped else str(path)), data
+
+
+def build_meta_model(config_dict: Dict[str, Any], source: str = "config") -> nn.Module:
+    """The real transformers model with every tensor on the meta device (no memory, no init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = dict(config_dict)
+    try:
+        config = AutoConfig.for_model(**data)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{source}: transformers cannot build a causal LM from it ({exc})") from None
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and any(
+            isinstance(m, nn.Linear) for m in module[0].modules()
+        ):
+            return module
+    raise UserError(f"{type(model).__name__}: no decoder layer list found; only decoder-only LMs are supported")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
+    """Split every parameter of ``model`` (counted once, even when tied) by module kind."""
+    layers = _decoder_layers(model)
+    in_blocks = {id(p) for p in layers.parameters()}
+    lm_head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    tied = lm_head is not None and lm_head.weight is embed.weight
+    kinds = dict(quant=0, bias=0, embed=0, norm=0, head=0, other=0)
+    seen = set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if module is lm_head:
+                kinds["head"] += n
+            elif isinstance(module, nn.Embedding):
+                kinds["embed"] += n
+            elif _is_norm(module):
+                kinds["norm"] += n
+            elif isinstance(module, nn.Linear) and id(p) in in_blocks:
+                kinds["quant" if pname == "weight" else "bias"] += n
+            elif isinstance(module, nn.Linear) and pname == "bias":
+                kinds["bias"] += n
+            else:
+                kinds["other"] += n
+    cfg = model.config
+    block = layers[0]
+    linears = [
+        LinearShape(n, m.in_features, m.out_features, m.bias is not None)
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return Architecture(
+        name=name,
+        config=cfg,
+        total_params=sum(kinds.values()),
+        quantizable_linear_params=kinds["quant"],
+        linear_bias_params=kinds["bias"],
+        embedding_params=kinds["embed"],
+        norm_params=kinds["norm"],
+        lm_head_params=kinds["head"],
+        other_params=kinds["other"],
+        tied_lm_head=tied,
+        num_layers=len(layers),
+        hidden_size=int(cfg.hidden_size),
+        intermediate_size=int(cfg.intermediate_size),
+        num_heads=heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab_size=int(cfg.vocab_size),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+        gated_mlp=any(s.name.endswith("gate_proj") for s in linears),
+        block_linears=linears,
+        block_norm_params=sum(p.numel() for m in block.modules() if _is_norm(m) for p in m.parameters(False)),
+    )
+
+
+def load_architecture(name_or_path: Union[str, Path]) -> Architecture:
+    """Short name or config.json path → exact counts, built on the meta device."""
+    name, data = load_config_dict(name_or_path)
+    return count_architecture(build_meta_model(data, source=name), name=name)
