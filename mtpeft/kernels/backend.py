@@ -1,0 +1,74 @@
+"""Which implementation a fused op runs: the Triton kernel or its torch reference.
+
+``MTPEFT_KERNELS`` picks it: ``auto`` (default) runs Triton on CUDA tensors and the reference on
+CPU; ``triton`` forces the kernels (on CPU only through Triton's interpreter, ``TRITON_INTERPRET=1``,
+which is how the tests check them without a GPU); ``torch`` forces the references everywhere, the
+escape hatch when a kernel misbehaves on some GPU.
+
+Kernel outputs are allocated through :func:`empty_output` so tests can fill them with NaN
+(:func:`poisoned_outputs`): a kernel that forgets to write an element then fails loudly instead of
+returning whatever the allocator left there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from mtpeft.errors import ConfigError
+
+ENV_VAR = "MTPEFT_KERNELS"
+CHOICES = ("auto", "triton", "torch")
+
+_poison = False
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in CHOICES:
+        raise ConfigError(
+            f"environment variable {ENV_VAR}={os.environ.get(ENV_VAR)!r} is not one of "
+            f"{', '.join(CHOICES)}; set it to auto (Triton on CUDA, torch on CPU), triton or torch"
+        )
+    return mode
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """True when the op on tensors of ``device`` should launch its Triton kernel."""
+    mode = kernel_mode()
+    on_cuda = torch.device(device).type == "cuda"
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return on_cuda
+    if not on_cuda and not interpreter_enabled():
+        raise ConfigError(
+            f"{ENV_VAR}=triton on a {torch.device(device).type} tensor needs Triton's interpreter: "
+            f"export TRITON_INTERPRET=1 before starting Python, or set {ENV_VAR}=auto"
+        )
+    return True
+
+
+def empty_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation for a buffer a kernel must fully overwrite (NaN-filled under poisoned_outputs)."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if _poison:
+        out.fill_(float("nan"))
+    return out
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous

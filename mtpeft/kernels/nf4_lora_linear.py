@@ -1,0 +1,337 @@
+"""Fused NF4 base + LoRA (+ IA3) linear layer: Triton kernels, autograd.Function, dispatch.
+
+Forward ``y = (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias) * ia3`` as ONE GEMM over the concatenated
+reduction axis ``[x, s·xA] @ [W; B]ᵀ``: the K loop dequantizes W tiles from packed nibbles and
+per-block absmax in registers (the bf16 weight never reaches memory), then r more columns fold the
+LoRA term into the same fp32 accumulator, so y is written once (no read-modify-write for the LoRA
+add). Backward ``dx = dy'·deq(W) + s·(dy'·B)·A`` is the same idea with W read untransposed; the
+tiny rank-r GEMMs (x·Aᵀ, dy'·B, dA, dB) stay in torch/cuBLAS. ``dy' = dy * ia3`` is never
+materialized: ia3 is applied to dy tiles in-kernel and folded into B for the rank-r GEMMs.
+
+NF4 blocks run along the flattened ``[N, K]`` weight (element (n, k) at flat index n*K + k), so the
+prologue indexes by flat position and K needs no alignment to the blocksize.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
+from mtpeft.kernels.nf4_lora_linear_reference import nf4_lora_linear_reference
+from mtpeft.quant.nf4_format import NF4Weight
+
+ABSMAX_BLOCKSIZE = 256  # bitsandbytes' block for the second-level (double) quantization
+
+
+def _gemm_configs(small_m_first: bool) -> list:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfg = []
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
+        (32, 64, 128, 4, 4), (32, 32, 256, 4, 3),
+    ]:
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_warps=w, num_stages=s))
+    return cfg
+
+
+def _prune_by_m(configs, named_args, **kwargs):
+    """Tiles much taller than M only waste the dequant work; keep those that fit the batch."""
+    m = named_args["M"]
+    cap = max(16, triton.next_power_of_2(m))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m > 64 or c.kwargs["BLOCK_M"] <= 32)]
+    return kept or configs[:1]
+
+
+if interpreter_enabled():
+    # Triton 3.9's interpreter multiplies bf16 tiles as their raw uint16 bits; upcasting first is
+    # exact (a bf16 x bf16 product fits fp32) and matches what tensor cores accumulate.
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+else:
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
+                absmax_offset, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 weight values at flat indices ``flat`` (0 where masked)."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble)
+    block = flat // BLOCKSIZE
+    if DOUBLE_QUANT:
+        absmax_q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + block // 256, mask=mask, other=0.0)
+        absmax = tl.load(absmax_code_ptr + absmax_q) * scale + absmax_offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return tl.where(mask, value * absmax, 0.0)
+
+
+@triton.autotune(configs=_gemm_configs(True), key=["M", "N", "K", "R"],
+                 prune_configs_by={"early_config_prune": _prune_by_m})
+@triton.jit
+def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
+                packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                M, N, K, R,
+                stride_xm, stride_xk, stride_am, stride_ar, stride_bn, stride_br, stride_ym, stride_yn,
+                HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IA3: tl.constexpr,
+                STORE_PRE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group_start = (pid // width) * GROUP_M
+    group_rows = min(grid_m - group_start, GROUP_M)
+    pid_m = group_start + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _nf4_decode(rn[None, :] * K + kk[:, None], k_ok[:, None] & n_ok[None, :],
+                        packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
+                        absmax_offset, BLOCKSIZE, DOUBLE_QUANT)
+        acc = _dot(a, w.to(dtype), acc, IEEE)
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = (r0 + rr) < R
+            xa = tl.load(xa_ptr + rm[:, None] * stride_am + (r0 + rr)[None, :] * stride_ar,
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            bt = tl.load(b_ptr + rn[None, :] * stride_bn + (r0 + rr)[:, None] * stride_br,
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _dot(xa, bt, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_offsets = rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if STORE_PRE:
+        tl.store(ypre_ptr + out_offsets, acc.to(ypre_ptr.dtype.element_ty), mask=out_mask)
+    if HAS_IA3:
+        acc *= tl.load(ia3_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_gemm_configs(False), key=["M", "N", "K", "R"],
+                 prune_configs_by={"early_config_prune": _prune_by_m})
+@triton.jit
+def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
+               packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+               M, N, K, R,
+               stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+               HAS_LORA: tl.constexpr, HAS_IA3: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               BLOCKSIZE: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """dx[M, K] = (dy*ia3)[M, N] · deq(W)[N, K] + g[M, r] · A[r, K]; the tile grid runs over K, the
+    reduction over N; BLOCK_N here is the reduction tile and BLOCK_K the output-column tile."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_k = tl.cdiv(K, BLOCK_N)
+    width = GROUP_M * grid_k
+    group_start = (pid // width) * GROUP_M
+    group_rows = min(grid_m - group_start, GROUP_M)
+    pid_m = group_start + (pid % width) % group_rows
+    pid_k = (pid % width) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    k_ok = rk < K
+    dtype = dy_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        nn = n0 + rn
+        n_ok = nn < N
+        d = tl.load(dy_ptr + rm[:, None] * stride_dym + nn[None, :] * stride_dyn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_IA3:
+            d = (d.to(tl.float32) * tl.load(ia3_ptr + nn, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dtype)
+        w = _nf4_decode(nn[:, None] * K + rk[None, :], n_ok[:, None] & k_ok[None, :],
+                        packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
+                        absmax_offset, BLOCKSIZE, DOUBLE_QUANT)
+        acc = _dot(d, w.to(dtype), acc, IEEE)
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = (r0 + rr) < R
+            g = tl.load(g_ptr + rm[:, None] * stride_gm + (r0 + rr)[None, :] * stride_gr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dot(g, a, acc, IEEE)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+def _block_r(r: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(max(r, 1))))
+
+
+def _quant_args(q: NF4Weight, device: torch.device) -> tuple:
+    packed = q.packed if q.packed.dtype == torch.uint8 else q.packed.view(torch.uint8)
+    code = _nf4_code(device)
+    if q.double_quant:
+        return (packed.reshape(-1), q.absmax.reshape(-1), code, q.absmax_code.float().reshape(-1),
+                q.absmax_scale.float().reshape(-1), float(q.absmax_offset))
+    return (packed.reshape(-1), q.absmax.float().reshape(-1), code, code, code, 0.0)
+
+
+_CODE_CACHE: dict = {}
+
+
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    if device not in _CODE_CACHE:
+        from mtpeft.quant.nf4 import nf4_code
+
+        _CODE_CACHE[device] = nf4_code(device)
+    return _CODE_CACHE[device]
+
+
+def _check_weight(q: NF4Weight, k: int) -> None:
+    if len(q.shape) != 2 or int(q.shape[1]) != k:
+        raise ValueError(f"nf4_lora_linear: x has {k} features but the weight has shape {tuple(q.shape)}")
+    if q.numel >= 2**31:
+        raise ValueError("nf4_lora_linear: weights with 2**31 or more elements are not supported")
+
+
+class NF4LoRALinearFunction(torch.autograd.Function):
+    """Triton path; the NF4 base is frozen (no grad), bias gets one only if it requires it."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
+        lead, k = x.shape[:-1], x.shape[-1]
+        _check_weight(qweight, k)
+        x2 = x.reshape(-1, k)
+        m, n = x2.shape[0], int(qweight.shape[0])
+        has_lora = lora_A is not None
+        xa = xa_scaled = None
+        r = 0
+        if has_lora:
+            r = lora_A.shape[0]
+            xa = x2 @ lora_A.to(x.dtype).t()
+            xa_scaled = xa * scaling
+            b_cast = lora_B.to(x.dtype)
+        store_pre = ia3 is not None and ia3.requires_grad
+        y = empty_output((m, n), x.dtype, x.device)
+        ypre = empty_output((m, n), x.dtype, x.device) if store_pre else y
+        qargs = _quant_args(qweight, x.device)
+        if m > 0:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            _fwd_kernel[grid](
+                x2, xa_scaled if has_lora else x2, b_cast if has_lora else x2, y, ypre,
+                bias if bias is not None else y, ia3 if ia3 is not None else y, *qargs,
+                m, n, k, r,
+                x2.stride(0), x2.stride(1),
+                xa_scaled.stride(0) if has_lora else 0, xa_scaled.stride(1) if has_lora else 0,
+                b_cast.stride(0) if has_lora else 0, b_cast.stride(1) if has_lora else 0,
+                y.stride(0), y.stride(1),
+                HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_IA3=ia3 is not None,
+                STORE_PRE=store_pre, DOUBLE_QUANT=qweight.double_quant, BLOCKSIZE=qweight.blocksize,
+                IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r),
+            )
+        ctx.qweight, ctx.scaling, ctx.lead, ctx.has_lora = qweight, scaling, lead, has_lora
+        ctx.dtypes = (lora_A.dtype if has_lora else None, lora_B.dtype if has_lora else None,
+                      bias.dtype if bias is not None else None, ia3.dtype if ia3 is not None else None)
+        ctx.save_for_backward(x2 if has_lora else None, xa, lora_A, lora_B, ia3, ypre if store_pre else None)
+        return y.reshape(*lead, n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, lora_A, lora_B, ia3, ypre = ctx.saved_tensors
+        q, s = ctx.qweight, ctx.scaling
+        n = int(q.shape[0])
+        k = int(q.shape[1])
+        dy2 = dy.reshape(-1, n)
+        if dy2.dtype != dy.dtype or not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        m = dy2.shape[0]
+        dtype = dy2.dtype
+        need_x, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:5]
+        dx = d_a = d_b = d_bias = d_ia3 = None
+        g_scaled = a_cast = None
+        r = 0
+        if ctx.has_lora:
+            r = lora_A.shape[0]
+            b_eff = lora_B.to(dtype) if ia3 is None else (lora_B.float() * ia3.float()[:, None]).to(dtype)
+            g = dy2 @ b_eff
+            g_scaled = g * s
+            a_cast = lora_A.to(dtype)
+            if need_a:
+                d_a = (g_scaled.t() @ x2).to(ctx.dtypes[0])
+            if need_b:
+                dyt_xa = dy2.t() @ xa
+                if ia3 is not None:
+                    dyt_xa = dyt_xa.float() * ia3.float()[:, None]
+                d_b = (dyt_xa * s).to(ctx.dtypes[1])
+        if need_bias:
+            d_bias = (dy2.float().sum(0) * (ia3.float() if ia3 is not None else 1.0)).to(ctx.dtypes[2])
+        if need_ia3:
+            d_ia3 = (dy2.float() * ypre.float()).sum(0).to(ctx.dtypes[3])
+        if need_x:
+            dx = empty_output((m, k), dtype, dy2.device)
+            if m > 0:
+                qargs = _quant_args(q, dy2.device)
+                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
+                _dx_kernel[grid](
+                    dy2, g_scaled if ctx.has_lora else dy2, a_cast if ctx.has_lora else dy2, dx,
+                    ia3 if ia3 is not None else dy2, *qargs,
+                    m, n, k, r,
+                    dy2.stride(0), dy2.stride(1),
+                    g_scaled.stride(0) if ctx.has_lora else 0, g_scaled.stride(1) if ctx.has_lora else 0,
+                    a_cast.stride(0) if ctx.has_lora else 0, a_cast.stride(1) if ctx.has_lora else 0,
+                    dx.stride(0), dx.stride(1),
+                    HAS_LORA=ctx.has_lora, HAS_IA3=ia3 is not None, DOUBLE_QUANT=q.double_quant,
+                    BLOCKSIZE=q.blocksize, IEEE=dtype == torch.float32, BLOCK_R=_block_r(r),
+                )
+            dx = dx.reshape(*ctx.lead, k)
+        return dx, d_a, d_b, d_bias, d_ia3, None, None
+
+
+def nf4_lora_linear(
+    x: torch.Tensor,
+    qweight: NF4Weight,
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    ia3: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``(x·deq(W)ᵀ + scaling·(x·Aᵀ)·Bᵀ + bias) * ia3`` with W frozen NF4.
+
+    x ``[..., K]``; qweight of shape ``[N, K]``; lora_A ``[r, K]`` and lora_B ``[N, r]`` (both None for
+    an IA3-only or frozen layer); bias and ia3 ``[N]``. Gradients flow to x, lora_A, lora_B, ia3 and
+    (if it requires one) bias. Triton on CUDA, the torch reference on CPU (see backend).
+    """
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("nf4_lora_linear: pass both lora_A and lora_B, or neither")
+    if use_triton(x.device):
+        return NF4LoRALinearFunction.apply(x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
+    return nf4_lora_linear_reference(x, qweight, lora_A, lora_B, scaling, bias, ia3)

@@ -1,0 +1,78 @@
+"""Torch reference of the fused NF4 + LoRA (+ IA3) linear layer (CPU path and test oracle).
+
+Same math and gradients as the Triton op. It is an autograd.Function rather than plain autograd so
+the dequantized weight is not kept alive between forward and backward: it is rebuilt in backward,
+which is what keeps a 4-bit base 4-bit in memory during training.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mtpeft.quant.nf4_format import NF4Weight
+
+
+def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    from mtpeft.quant.nf4 import dequantize_nf4
+
+    return dequantize_nf4(q, dtype)
+
+
+class NF4LoRALinearReference(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
+        w = _dequantize(qweight, x.dtype)
+        y = x @ w.t()
+        xa = None
+        if lora_A is not None:
+            xa = x @ lora_A.to(x.dtype).t()
+            y = y + (xa * scaling) @ lora_B.to(x.dtype).t()
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        ypre = y if ia3 is not None and ia3.requires_grad else None
+        if ia3 is not None:
+            y = y * ia3.to(x.dtype)
+        ctx.qweight, ctx.scaling = qweight, scaling
+        ctx.save_for_backward(x, xa, lora_A, lora_B, bias, ia3, ypre)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, lora_A, lora_B, bias, ia3, ypre = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:5]
+        dx = d_a = d_b = d_bias = d_ia3 = None
+        if need_ia3:
+            d_ia3 = (dy * ypre).reshape(-1, dy.shape[-1]).sum(0).to(ia3.dtype)
+        if ia3 is not None:
+            dy = dy * ia3.to(dy.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if need_bias:
+            d_bias = dy2.sum(0).to(bias.dtype)
+        g = None
+        if lora_A is not None:
+            g = (dy2 @ lora_B.to(dy.dtype)) * s
+            if need_a:
+                d_a = (g.t() @ x.reshape(-1, x.shape[-1])).to(lora_A.dtype)
+            if need_b:
+                d_b = ((dy2.t() @ xa.reshape(-1, xa.shape[-1])) * s).to(lora_B.dtype)
+        if need_x:
+            dx = dy @ _dequantize(ctx.qweight, dy.dtype)
+            if g is not None:
+                dx = dx + (g @ lora_A.to(dy.dtype)).reshape(dx.shape)
+        return dx, d_a, d_b, d_bias, d_ia3, None, None
+
+
+def nf4_lora_linear_reference(
+    x: torch.Tensor,
+    qweight: NF4Weight,
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    ia3: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Same contract as :func:`mtpeft.kernels.nf4_lora_linear`, in plain torch."""
+    return NF4LoRALinearReference.apply(x, lora_A, lora_B, bias, ia3, qweight, float(scaling))

@@ -1,0 +1,120 @@
+"""nf4_lora_linear, Triton (interpreter) and torch paths, against float64 math on bitsandbytes' NF4.
+
+The oracle dequantizes with bitsandbytes (not mtpeft.quant), in the dtype the op computes in, and
+does the rest of the layer in float64 with autograd, so it shares no code with either path.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated (import time)
+
+import pytest
+import torch
+import bitsandbytes.functional as bnbf
+
+from mtpeft.kernels import backend
+from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
+from mtpeft.quant.nf4_format import NF4Weight
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def bnb_nf4(weight: torch.Tensor, double_quant: bool):
+    """(NF4Weight, bitsandbytes' own dequantization in the weight's dtype)."""
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
+    q = NF4Weight(packed=packed.reshape(-1), absmax=state.absmax, shape=state.shape, dtype=state.dtype, blocksize=64)
+    if double_quant:
+        q.absmax_scale = state.state2.absmax
+        q.absmax_code = state.state2.code
+        q.absmax_offset = float(state.offset)
+    return q, bnbf.dequantize_4bit(packed, state)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3, scaling=0.75):
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    k = x_shape[-1]
+    q, w_deq = bnb_nf4(torch.randn(n, k, generator=gen).to(dtype), double_quant)
+    x = torch.randn(*x_shape, generator=gen).to(dtype).requires_grad_()
+    lora = r > 0
+    a = (torch.randn(r, k, generator=gen) / k**0.5).requires_grad_() if lora else None
+    b = torch.randn(n, r, generator=gen).requires_grad_() if lora else None
+    bias = torch.randn(n, generator=gen).to(dtype).requires_grad_() if with_bias else None
+    ia3 = (torch.rand(n, generator=gen) + 0.5).requires_grad_() if with_ia3 else None
+    dy = torch.randn(*x_shape[:-1], n, generator=gen).to(dtype)
+
+    with backend.poisoned_outputs():
+        y = nf4_lora_linear(x, q, a, b, scaling, bias=bias, ia3=ia3)
+        y.backward(dy)
+    leaves = {"x": x, "lora_A": a, "lora_B": b, "bias": bias, "ia3": ia3}
+    leaves = {name: t for name, t in leaves.items() if t is not None}
+
+    # float64 oracle: operands as the op computes with them (x dtype), math in float64.
+    c = {name: t.detach().to(dtype).double().requires_grad_() for name, t in leaves.items()}
+    c["x"] = x.detach().double().requires_grad_()
+    y64 = c["x"] @ w_deq.double().t()
+    if lora:
+        y64 = y64 + scaling * (c["x"] @ c["lora_A"].t()) @ c["lora_B"].t()
+    if with_bias:
+        y64 = y64 + c["bias"]
+    if with_ia3:
+        y64 = y64 * c["ia3"]
+    y64.backward(dy.double())
+
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype and y.shape == y64.shape
+    errors = {"y": rel_err(y.detach(), y64.detach())}
+    for name, t in leaves.items():
+        assert t.grad is not None and t.grad.dtype == t.dtype, name
+        errors["d" + name] = rel_err(t.grad, c[name].grad)
+    bad = {name: e for name, e in errors.items() if not e <= tol}
+    assert not bad, f"{kernels} {dtype} seed={seed}: relative errors above {tol}: {bad}"
+
+
+CASES = [
+    # x shape, N, r, dtype, double quant, bias, ia3
+    ((37, 200), 129, 7, torch.float32, True, True, True),
+    ((3, 13, 200), 129, 7, torch.float32, False, False, False),
+    ((37, 201), 37, 5, torch.float32, True, False, True),  # odd numel: last byte half used
+    ((3, 13, 200), 129, 7, torch.bfloat16, True, True, False),
+    ((37, 200), 129, 7, torch.bfloat16, False, False, True),
+    ((37, 200), 129, 7, torch.float16, True, True, True),
+    ((37, 200), 129, 0, torch.float32, True, False, True),  # IA3 only: no LoRA term
+]
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("x_shape,n,r,dtype,double_quant,with_bias,with_ia3", CASES)
+def test_forward_and_all_gradients_match_float64(monkeypatch, kernels, x_shape, n, r, dtype, double_quant,
+                                                 with_bias, with_ia3):
+    run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_frozen_bias_and_ia3_get_no_gradient(monkeypatch, kernels):
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    q, w_deq = bnb_nf4(torch.randn(33, 40), True)
+    x = torch.randn(5, 40, requires_grad=True)
+    a = torch.randn(4, 40, requires_grad=True)
+    b = torch.randn(33, 4, requires_grad=True)
+    bias, ia3 = torch.randn(33), torch.rand(33) + 0.5
+    with backend.poisoned_outputs():
+        y = nf4_lora_linear(x, q, a, b, 2.0, bias=bias, ia3=ia3)
+    y.sum().backward()
+    assert bias.grad is None and ia3.grad is None
+    expected = ((x.double() @ w_deq.double().t() + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
+                 + bias.double()) * ia3.double())
+    assert rel_err(y.detach(), expected.detach()) <= 1e-5
+    assert rel_err(x.grad, (ia3.double()[None, :].expand(5, 33) @ (w_deq.double() + 2.0 * b.double() @ a.double()))) <= 1e-5
+
+
+def test_weight_shape_mismatch_is_reported(monkeypatch):
+    monkeypatch.setenv("MTPEFT_KERNELS", "triton")
+    q, _ = bnb_nf4(torch.randn(8, 16), False)
+    with pytest.raises(ValueError, match="features"):
+        nf4_lora_linear(torch.randn(2, 17), q, None, None, 1.0)
