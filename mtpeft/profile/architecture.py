@@ -57,6 +57,8 @@ class Architecture:
     gated_mlp: bool
     block_linears: List[LinearShape] = field(default_factory=list)
     block_norm_params: int = 0
+    tensors: List[Tuple[str, int, int]] = field(default_factory=list)
+    """Every parameter tensor once: (kind, numel, layer index or -1). ZeRO-3 pads per tensor."""
 
     @property
     def block_linear_params(self) -> int:
@@ -129,25 +131,28 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
     embed = model.get_input_embeddings()
     tied = lm_head is not None and lm_head.weight is embed.weight
     kinds = dict(quant=0, bias=0, embed=0, norm=0, head=0, other=0)
+    layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    tensors: List[Tuple[str, int, int]] = []
     seen = set()
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n = p.numel()
             if module is lm_head:
-                kinds["head"] += n
+                kind = "head"
             elif isinstance(module, nn.Embedding):
-                kinds["embed"] += n
+                kind = "embed"
             elif _is_norm(module):
-                kinds["norm"] += n
+                kind = "norm"
             elif isinstance(module, nn.Linear) and id(p) in in_blocks:
-                kinds["quant" if pname == "weight" else "bias"] += n
+                kind = "quant" if pname == "weight" else "bias"
             elif isinstance(module, nn.Linear) and pname == "bias":
-                kinds["bias"] += n
+                kind = "bias"
             else:
-                kinds["other"] += n
+                kind = "other"
+            kinds[kind] += p.numel()
+            tensors.append((kind, p.numel(), layer_of.get(id(p), -1)))
     cfg = model.config
     block = layers[0]
     linears = [
@@ -179,6 +184,7 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
         gated_mlp=any(s.name.endswith("gate_proj") for s in linears),
         block_linears=linears,
         block_norm_params=sum(p.numel() for m in block.modules() if _is_norm(m) for p in m.parameters(False)),
+        tensors=tensors,
     )
 
 

@@ -1,0 +1,90 @@
+"""``mtpeft plan``: parse the flags, run the planner (and its searches), print a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Dict
+
+from mtpeft.errors import UserError
+from mtpeft.profile.architecture import load_architecture
+from mtpeft.profile.planner import GIB, PlanSettings, parse_peft, plan, search
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="architecture short name or a config.json path")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
+    parser.add_argument("--seq", default="2048", help="sequence length or 'auto'")
+    parser.add_argument("--micro-batch", default="1", help="micro-batch per GPU or 'auto'")
+    parser.add_argument("--peft", default="lora", help="METHOD[:k=v,...], e.g. lora:r=16,alpha=32")
+    parser.add_argument("--quant", choices=("nf4", "none"), default="nf4")
+    parser.add_argument("--double-quant", choices=("on", "off"), default="on")
+    parser.add_argument("--offload", choices=("none", "cpu", "nvme", "auto"), default="none")
+    parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--logits-chunk", type=int, default=0, help="tokens per loss chunk; 0 = full logits")
+    parser.add_argument("--trainable-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--margin", type=float, default=0.10, help="allocator margin, fraction of dynamic memory")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _positive_or_auto(flag: str, value: str) -> int:
+    if value == "auto":
+        return 0
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UserError(f"{flag} {value!r}: expected a positive integer or 'auto'")
+    return number
+
+
+def _table(result: Dict[str, Any], notes: Dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [
+        f"{result['model']}: {result['total_params']:,} parameters, {result['trainable_params']:,} trainable "
+        f"({s['peft']}), world {result['world_size']}, seq {s['seq']}, micro-batch {s['micro_batch']}, "
+        f"quant {s['quant']}, offload {s['offload']}, checkpointing {'on' if s['checkpointing'] else 'off'}",
+        f"{'per GPU':<26}{'GiB':>10}",
+    ]
+    lines += [f"  {k:<24}{v / GIB:>10.3f}" for k, v in result["breakdown"].items()]
+    lines.append(f"  {'total (with margin)':<24}{result['per_gpu_bytes'] / GIB:>10.3f}")
+    lines.append(f"  {'predicted peak allocated':<24}{result['predicted_peak_gib']:>10.3f}")
+    lines.append(
+        f"activations: {result['activations_checkpointing_bytes'] / GIB:.3f} GiB with checkpointing, "
+        f"{result['activations_no_checkpointing_bytes'] / GIB:.3f} GiB without"
+    )
+    for key in ("cpu_bytes_per_node", "nvme_bytes_per_node"):
+        if result[key]:
+            lines.append(f"{key.replace('_', ' ')}: {result[key] / GIB:.3f} GiB")
+    for key, value in notes.items():
+        lines.append(f"search: largest {key} that fits = {value}" if key != "offload"
+                     else f"search: least offload that fits = {value}")
+    lines.append(f"fits in {s['gpu_mem_gib']:g} GiB: {'yes' if result['fits'] else 'no'}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.gpus < 1 or args.nodes < 1:
+        raise UserError("--gpus and --nodes must be at least 1")
+    if args.gpu_mem <= 0:
+        raise UserError(f"--gpu-mem {args.gpu_mem}: must be positive GiB")
+    seq = _positive_or_auto("--seq", str(args.seq))
+    micro = _positive_or_auto("--micro-batch", str(args.micro_batch))
+    arch = load_architecture(args.model)
+    settings = PlanSettings(
+        world_size=args.gpus * args.nodes, gpus_per_node=args.gpus, gpu_mem_gib=args.gpu_mem,
+        seq=seq or 2048, micro_batch=micro or 1, peft=parse_peft(args.peft), quant=args.quant,
+        double_quant=args.double_quant == "on", offload="none" if args.offload == "auto" else args.offload,
+        checkpointing=args.checkpointing == "on", attention=args.attention, logits_chunk=args.logits_chunk,
+        trainable_dtype=args.trainable_dtype, allocator_margin=args.margin,
+    )
+    settings, notes = search(arch, settings, micro_batch_auto=not micro, seq_auto=not seq,
+                             offload_auto=args.offload == "auto")
+    result = plan(arch, settings)
+    result["search"] = notes
+    print(json.dumps(result, indent=2) if args.json else _table(result, notes))
+    return 0
