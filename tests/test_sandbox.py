@@ -1,0 +1,153 @@
+"""The pass@k sandbox contains what generated code might do: hang, fork, write, connect, allocate."""
+
+import os
+import socket
+import textwrap
+
+import pytest
+
+from mtpeft.tasks.sandbox import run_program
+
+
+def _procs_of_uid(uid: int) -> list[str]:
+    """Every process of uid, zombies included (an independent /proc scan)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            uid_line = next((line for line in lines if line.startswith("Uid:")), "")
+            if uid_line.split()[1:2] == [str(uid)]:
+                found.append(entry)
+    return found
+
+
+def test_stdin_stdout_and_exit_statuses():
+    r = run_program("a, b = map(int, input().split())\nprint(a + b)\n", stdin="2 40\n")
+    assert (r.status, r.stdout, r.returncode) == ("ok", "42\n", 0)
+    r = run_program("raise ValueError('boom')\n")
+    assert r.status == "error" and r.returncode == 1 and "ValueError: boom" in r.stderr
+    r = run_program("import ctypes\nctypes.string_at(0)\n")
+    assert r.status == "killed" and r.returncode < 0
+
+
+def test_infinite_loop_is_killed_at_wall_clock_limit():
+    r = run_program("while True:\n    pass\n", timeout_s=1.0)
+    assert r.status == "timeout"
+    assert 1.0 <= r.seconds < 2.0
+
+
+def test_cpu_limit_applies_before_wall_clock():
+    r = run_program("while True:\n    pass\n", timeout_s=20.0, cpu_s=1)
+    assert r.status == "timeout"
+    assert r.seconds < 15.0  # ended by the 1 s CPU limit, well before the 20 s wall limit
+
+
+def test_memory_over_limit_fails_and_under_limit_works():
+    r = run_program("x = bytearray(1 << 30)\nprint(len(x))\n", memory_mb=256)
+    assert r.status == "memory" and r.stdout == ""
+    r = run_program("x = bytearray(100 << 20)\nprint(len(x))\n", memory_mb=256)
+    assert r.status == "ok" and r.stdout.strip() == str(100 << 20)
+
+
+def test_fork_bomb_is_contained_and_nothing_survives():
+    code = textwrap.dedent(
+        """
+        import os, time
+        print(os.getuid(), flush=True)
+        n = 0
+        while True:
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(600)
+                os._exit(0)
+            n += 1
+        print(n, flush=True)
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """
+    )
+    r = run_program(code, timeout_s=1.5, max_processes=20)
+    assert r.status == "timeout"
+    uid, forked = (int(x) for x in r.stdout.split())
+    if "uid" in r.isolation:
+        assert 1 <= forked <= 19  # the program itself is one of the 20 processes
+        assert _procs_of_uid(uid) == []  # killed and reaped, not even zombies left
+    else:
+        assert forked <= 19
+
+
+def test_write_outside_the_work_dir_fails(tmp_path):
+    outside = tmp_path / "owned_by_test"
+    outside.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(outside, 0o777)  # even a world-writable directory stays out of reach
+    target = outside / "pwned.txt"
+    code = textwrap.dedent(
+        f"""
+        import os
+        for path in [{str(target)!r}, "/tmp/mtpeft_sandbox_escape.txt", "inside.txt"]:
+            try:
+                with open(path, "w") as f:
+                    f.write("x")
+                print("wrote", path)
+            except OSError as exc:
+                print("blocked", path, type(exc).__name__)
+        print("cwd", os.getcwd())
+        """
+    )
+    r = run_program(code)
+    assert r.status == "ok", r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"blocked {target}")
+    assert lines[1].startswith("blocked /tmp/mtpeft_sandbox_escape.txt")
+    assert lines[2] == "wrote inside.txt"
+    assert not target.exists() and not os.path.exists("/tmp/mtpeft_sandbox_escape.txt")
+    work = lines[3].split(" ", 1)[1]
+    assert not os.path.exists(work)  # the private work directory is removed afterwards
+
+
+def test_network_connection_fails():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # the server is reachable from outside the sandbox
+        code = textwrap.dedent(
+            f"""
+            import socket, subprocess
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2)
+                print("python connected")
+            except OSError as exc:
+                print("python blocked", type(exc).__name__)
+            # bash's /dev/tcp bypasses any Python-level hook: only a network namespace stops it
+            rc = subprocess.run(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True).returncode
+            print("bash", "connected" if rc == 0 else "blocked")
+            """
+        )
+        r = run_program(code)
+        assert r.status == "ok", r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith("python blocked")
+        if "netns" in r.isolation:
+            assert lines[1] == "bash blocked"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("bad", [dict(timeout_s=0), dict(memory_mb=0), dict(max_processes=0)])
+def test_bad_limits_raise(bad):
+    with pytest.raises(ValueError):
+        run_program("print(1)", **bad)
