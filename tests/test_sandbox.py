@@ -1,5 +1,6 @@
 """The pass@k sandbox contains what generated code might do: hang, fork, write, connect, allocate."""
 
+import json
 import os
 import socket
 import textwrap
@@ -151,3 +152,33 @@ def test_network_connection_fails():
 def test_bad_limits_raise(bad):
     with pytest.raises(ValueError):
         run_program("print(1)", **bad)
+
+
+def test_evaluation_carries_on_past_failing_samples():
+    from mtpeft.tasks.pass_at_k import evaluate_problems, outputs_match
+
+    stdio = {
+        "problem_id": "sum",
+        "input_output": json.dumps({"inputs": ["1 2\n", "10 -3\n"], "outputs": ["3\n", "7\n"]}),
+    }
+    call = {"problem_id": "add", "input_output": {"fn_name": "add", "inputs": [[1, 2], [5, 5]], "outputs": [[3], [10]]}}
+    sum_samples = [
+        "a, b = map(int, input().split())\nprint(a + b)\n",  # pass
+        "a, b = map(int, input().split())\nprint(a - b)\n",  # wrong answer
+        "raise SystemExit(3)\n",  # crash
+        "while True:\n    pass\n",  # hang, killed at the limit
+        "a, b = map(int, input().split())\nprint('  ', a + b, '  ')\nprint()\n",  # pass (whitespace)
+    ]
+    call_samples = [
+        "class Solution:\n    def add(self, a, b):\n        return a + b\n",  # pass (LeetCode style)
+        "def add(a, b):\n    return a * b\n",  # wrong on [1, 2]
+    ]
+    out = evaluate_problems([stdio, call], [sum_samples, call_samples], timeout_s=1.0, max_workers=2)
+    s, a = out["problems"]
+    assert s.statuses == ["pass", "wrong", "error", "timeout", "pass"]
+    assert (s.n, s.c, a.n, a.c) == (5, 2, 2, 1)
+    # pass@1 = c/n; pass@5 with n=5, c=2 is 1 - C(3,5)/C(5,5) = 1; k=10 > n is not reported
+    assert s.pass_at == pytest.approx({1: 0.4, 5: 1.0})
+    assert a.pass_at == pytest.approx({1: 0.5})
+    assert out["pass@k"] == pytest.approx({1: 0.45, 5: 1.0})
+    assert outputs_match("1  2\n\n3 \n", "1 2\n3") and not outputs_match("1 2", "12")
