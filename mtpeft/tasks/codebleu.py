@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Sequence
 
 from mtpeft.errors import ConfigError
-from mtpeft.tasks.metrics import _check_pair, _log_brevity_penalty, _ngram_counts, bleu, code_tokenize
+from mtpeft.tasks.metrics import check_same_length, log_brevity_penalty, ngram_counts, bleu, code_tokenize
 
 KEYWORD_WEIGHT = 5.0
 PYTHON_KEYWORDS = frozenset(keyword.kwlist)
@@ -32,7 +32,7 @@ def weighted_ngram_match(preds: Sequence[str], refs: Sequence[str], max_n: int =
     n-grams), unigrams weigh KEYWORD_WEIGHT for Python keywords and 1 otherwise, higher orders are
     unweighted; smoothing and brevity penalty follow ``metrics.bleu``.
     """
-    _check_pair(preds, refs, "weighted_ngram_match")
+    check_same_length(preds, refs, "weighted_ngram_match")
     num = [0.0] * max_n
     den = [0.0] * max_n
     hyp_len = ref_len = 0
@@ -41,7 +41,7 @@ def weighted_ngram_match(preds: Sequence[str], refs: Sequence[str], max_n: int =
         hyp_len += len(hyp)
         ref_len += len(gold)
         for n in range(1, max_n + 1):
-            h, r = _ngram_counts(hyp, n), _ngram_counts(gold, n)
+            h, r = ngram_counts(hyp, n), ngram_counts(gold, n)
             for gram, count in r.items():
                 w = (KEYWORD_WEIGHT if gram[0] in PYTHON_KEYWORDS else 1.0) if n == 1 else 1.0
                 num[n - 1] += w * min(count, h[gram])
@@ -52,7 +52,7 @@ def weighted_ngram_match(preds: Sequence[str], refs: Sequence[str], max_n: int =
         if num[n - 1] + add == 0 or den[n - 1] + add == 0:
             return 0.0
         log_p += math.log((num[n - 1] + add) / (den[n - 1] + add))
-    log_bp = _log_brevity_penalty(ref_len, hyp_len)
+    log_bp = log_brevity_penalty(ref_len, hyp_len)
     return math.exp(log_bp + log_p / max_n) if log_bp > -math.inf else 0.0
 
 
@@ -211,7 +211,7 @@ def codebleu(
         raise ConfigError(f"codebleu: lang={lang!r} is not supported; only 'python' (syntax and data flow use Python's ast)")
     if len(weights) != 4 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError(f"codebleu: weights={tuple(weights)} must be 4 non-negative numbers with a positive sum")
-    _check_pair(preds, refs, "codebleu")
+    check_same_length(preds, refs, "codebleu")
     intern: dict = {}
     syn_match = syn_total = df_match = df_total = 0
     parsed_refs = 0

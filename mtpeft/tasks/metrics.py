@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 
-def _check_pair(a: Sequence, b: Sequence, what: str) -> None:
+def check_same_length(a: Sequence, b: Sequence, what: str) -> None:
+    """One prediction per reference, and at least one: a silent zip() would hide a misaligned split."""
     if len(a) != len(b):
         raise ValueError(f"{what}: {len(a)} predictions but {len(b)} references; pass one per example")
     if len(a) == 0:
@@ -24,7 +25,7 @@ def _check_pair(a: Sequence, b: Sequence, what: str) -> None:
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
     """Fraction of predictions equal to their label."""
-    _check_pair(preds, labels, "accuracy")
+    check_same_length(preds, labels, "accuracy")
     return sum(int(p) == int(y) for p, y in zip(preds, labels)) / len(labels)
 
 
@@ -35,7 +36,7 @@ def f1_binary(preds: Sequence[int], labels: Sequence[int], positive: int = 1) ->
     and recall are both 0/0: scoring it 0 (as scikit-learn's zero_division=0) keeps an
     all-negative predictor from looking perfect.
     """
-    _check_pair(preds, labels, "f1_binary")
+    check_same_length(preds, labels, "f1_binary")
     tp = fp = fn = 0
     for p, y in zip(preds, labels):
         pp, yp = int(p) == positive, int(y) == positive
@@ -64,7 +65,7 @@ def mrr(scores: "torch.Tensor | np.ndarray", gold: Sequence[int]) -> float:
     if s.ndim != 2:
         raise ValueError(f"mrr: scores must be [queries, candidates], got shape {s.shape}")
     g = np.asarray(gold, dtype=np.int64)
-    _check_pair(list(range(s.shape[0])), g, "mrr")
+    check_same_length(list(range(s.shape[0])), g, "mrr")
     if g.min() < 0 or g.max() >= s.shape[1]:
         raise ValueError(f"mrr: gold index out of range for {s.shape[1]} candidates")
     gold_scores = s[np.arange(s.shape[0]), g]
@@ -114,13 +115,13 @@ def normalize_whitespace(s: str) -> str:
 
 def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
     """Fraction of predictions equal to the reference after whitespace normalisation."""
-    _check_pair(preds, refs, "exact_match")
+    check_same_length(preds, refs, "exact_match")
     return sum(normalize_whitespace(p) == normalize_whitespace(r) for p, r in zip(preds, refs)) / len(refs)
 
 
 def em_at_k(candidates: Sequence[Sequence[str]], refs: Sequence[str], k: int) -> float:
     """EM@k: an example is a hit if any of its first k candidates (beams, best first) matches."""
-    _check_pair(candidates, refs, "em_at_k")
+    check_same_length(candidates, refs, "em_at_k")
     if k < 1:
         raise ValueError("em_at_k: k must be >= 1")
     hits = 0
@@ -151,11 +152,13 @@ def code_tokenize(s: str) -> list[str]:
     return _TOKEN_RE.findall(s)
 
 
-def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
+def ngram_counts(tokens: Sequence[str], n: int) -> Counter:
+    """Multiset of the n-grams of a token list (shared by BLEU and CodeBLEU's weighted match)."""
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def _log_brevity_penalty(ref_len: int, hyp_len: int) -> float:
+def log_brevity_penalty(ref_len: int, hyp_len: int) -> float:
+    """log BP = min(0, 1 - r/c); -inf for an empty candidate corpus."""
     if hyp_len == 0:
         return -math.inf
     return min(0.0, 1.0 - ref_len / hyp_len)
@@ -170,7 +173,7 @@ def bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4, smooth: bool
     of p_n for n ≥ 2, as CodeXGLUE's smooth_bleu.py does, but with the standard brevity penalty
     (smooth_bleu also adds one to r and c there). Without smoothing any zero p_n gives 0.
     """
-    _check_pair(preds, refs, "bleu")
+    check_same_length(preds, refs, "bleu")
     matches = [0] * max_n
     totals = [0] * max_n
     hyp_len = ref_len = 0
@@ -179,7 +182,7 @@ def bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4, smooth: bool
         hyp_len += len(hyp)
         ref_len += len(gold)
         for n in range(1, max_n + 1):
-            h, r = _ngram_counts(hyp, n), _ngram_counts(gold, n)
+            h, r = ngram_counts(hyp, n), ngram_counts(gold, n)
             matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
             totals[n - 1] += sum(h.values())
     log_p = 0.0
@@ -189,7 +192,7 @@ def bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4, smooth: bool
         if num == 0 or den == 0:
             return 0.0
         log_p += math.log(num / den)
-    log_bp = _log_brevity_penalty(ref_len, hyp_len)
+    log_bp = log_brevity_penalty(ref_len, hyp_len)
     return math.exp(log_bp + log_p / max_n) if log_bp > -math.inf else 0.0
 
 
