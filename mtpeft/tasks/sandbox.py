@@ -155,7 +155,10 @@ def _supervise_from_parent(cfg: dict, base: str, stdin: str, output_mb: int) -> 
     try:
         report = json.loads(raw)
     except ValueError:
-        raise SandboxError(f"sandbox supervisor died (exit {proc.returncode}); stderr: {stderr[-500:]}") from None
+        if proc.returncode is not None and proc.returncode < 0:
+            # Killed from outside (e.g. the OOM killer): a failed sample, not a broken sandbox.
+            return RunResult("killed", stdout, stderr, proc.returncode, cfg["timeout_s"], ())
+        raise SandboxError(f"sandbox supervisor failed (exit {proc.returncode}); stderr: {stderr[-500:]}") from None
     if report.get("setup_error"):
         raise SandboxError(f"sandbox could not start: {report['setup_error']}")
     return RunResult(
@@ -349,6 +352,7 @@ def _child(cfg: dict) -> None:
 
 def _supervise(cfg: dict, status_fd: int) -> None:
     report: dict = {"timed_out": False, "returncode": None, "seconds": 0.0, "isolation": []}
+    os.set_inheritable(status_fd, False)  # the program must not be able to forge this report
     libc = _libc()
     try:
         _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
