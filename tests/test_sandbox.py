@@ -182,3 +182,15 @@ def test_evaluation_carries_on_past_failing_samples():
     assert a.pass_at == pytest.approx({1: 0.5})
     assert out["pass@k"] == pytest.approx({1: 0.45, 5: 1.0})
     assert outputs_match("1  2\n\n3 \n", "1 2\n3") and not outputs_match("1 2", "12")
+
+
+def test_bad_apps_records_name_the_problem():
+    from mtpeft.errors import DataError
+    from mtpeft.tasks.pass_at_k import load_tests
+
+    with pytest.raises(DataError, match="problem 7"):
+        load_tests({"problem_id": 7, "input_output": "{not json"})
+    with pytest.raises(DataError, match="2 inputs but 1 outputs"):
+        load_tests({"problem_id": 8, "input_output": {"inputs": ["1", "2"], "outputs": ["1"]}})
+    tests = load_tests({"problem_id": 9, "input_output": {"inputs": [["1", "2"]], "outputs": [["3", "4"]]}})
+    assert (tests[0].stdin, tests[0].expected) == ("1\n2", "3\n4")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 STATUSES = ("ok", "timeout", "memory", "error", "killed")
 DEFAULT_MAX_PROCESSES = 20
-_UID_BASE = 1_500_000_000
+_UID_BASE = 1_000_000_000  # + up to 1e9: below 2**31, clear of the usual subuid ranges
 _uid_counter = itertools.count()
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
