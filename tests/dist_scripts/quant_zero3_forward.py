@@ -1,0 +1,78 @@
+"""Run under ``deepspeed --num_gpus 2`` on CPU: a QuantLinear Llama under ZeRO-3 vs. single process.
+
+Each rank builds the same seeded model, computes the plain single-process forward, then wraps the
+model in a ZeRO-3 engine and runs the same forward again. It writes ``rank<k>.json`` into the
+directory given as argv[1]: whether the logits are identical, and how many quantized bf16 storage
+elements this rank holds versus the whole model.
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from mtpeft.quant import QuantLinear, quantize_model  # noqa: E402
+
+
+def build_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = quantize_model(LlamaForCausalLM(config), skip=("lm_head",))
+    return model.eval()
+
+
+def main(out_dir: str) -> None:
+    start = time.time()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    model = build_model()
+    input_ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits.clone()
+    quant_params = [p for m in model.modules() if isinstance(m, QuantLinear) for p in m.quant_parameters()]
+    total = sum(p.numel() for p in quant_params)
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {
+            "stage": 3,
+            # Partition every tensor, however small: the constants must not be replicated.
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+        },
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=0.0), config=ds_config)
+    local = sum(p.ds_tensor.numel() for p in quant_params)
+    partitioned = all(p.numel() == 0 for p in quant_params)
+    with torch.no_grad():
+        got = engine(input_ids=input_ids).logits
+    result = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "logits_equal": bool(torch.equal(got, expected)),
+        "max_abs_diff": float((got - expected).abs().max()),
+        "local_quant_elements": local,
+        "total_quant_elements": total,
+        "partitioned_outside_forward": partitioned,
+        "quant_dtypes": sorted({str(p.dtype) for p in quant_params}),
+        "seconds": time.time() - start,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    main(parser.parse_args().out_dir)
