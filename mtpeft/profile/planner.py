@@ -9,7 +9,8 @@ Model states (per rank; ZeRO-3 partitions every tensor separately, padding it to
 the world size, so a tensor of ``n`` elements costs ``ceil(n / world)`` elements on every rank):
   * packed NF4 weights: ``numel / 2`` bytes per decoder-block linear (stored viewed as bf16);
   * constants with double quant: 1 byte per 64-block + fp32 scale per 256 blocks + the 256-entry
-    fp32 dynamic map, the 16-entry NF4 table and the fp32 offset; without: fp32 absmax per block;
+    fp32 dynamic map and the fp32 offset (the 16 NF4 levels are a constant of the code, not
+    stored); without: fp32 absmax per block. Each is its own bf16-viewed tensor, padded apart;
   * embeddings, norms, biases and an untied LM head in bf16;
   * PEFT parameters trained in fp32 under bf16 autocast: 4 B param + 4 B grad + 8 B Adam (``bf16``:
     2 B param + 4 B fp32 master + 2 B grad + 8 B Adam).
@@ -19,14 +20,20 @@ Activations (``T = b·L`` tokens, ``h`` hidden, ``q = heads·head_dim``, ``kv = 
 weight (dequantized again), so it saves no input; what autograd keeps for one Llama block is:
   * each RMSNorm: its fp32 upcast input ``4·T·h`` and ``rsqrt`` ``4·T`` (LayerNorm: ``+8·T``);
   * each LoRA'd linear: the input of ``A`` (``2·T·in``; with dropout a private dropped copy plus a
-    1-byte mask, ``3·T·in``, since each adapter draws its own mask; without dropout q/k/v share
+    mask, ``3·T·in`` on CUDA where the mask is bool, ``4·T·in`` on CPU where it is a bf16 noise
+    tensor; each adapter draws its own mask; without dropout q/k/v share
     one saved input) and ``x·A`` for ``B`` (``2·T·r``);
-  * attention: RoPE'd q and k, v (``2·T·(q + 2·kv)``); SDPA (flash / memory-efficient) saves its
-    output ``2·T·q`` and the fp32 log-sum-exp ``4·b·heads·L``; eager attention instead keeps the
-    fp32 softmax and its bf16 copy, ``6·b·heads·L²``, plus k/v repeated to all heads;
+  * attention: RoPE'd q ``2·T·q``; SDPA (flash / memory-efficient) saves k, v ``4·T·kv``, its
+    output ``2·T·q`` (which the o_proj LoRA input shares: transpose + reshape of flash's
+    [b, L, heads, d] output is a view) and the fp32 log-sum-exp ``4·b·heads·L``; eager attention
+    saves k and v repeated to all heads ``4·T·q``, the fp32 softmax and its bf16 copy
+    ``6·b·heads·L²``, and o_proj's input is a fresh contiguous copy;
   * gated MLP: gate output (SiLU input), SiLU output and up output, ``6·T·I``; plain MLP: the GELU
     input ``2·T·I``;
   * residual adds save nothing.
+A linear that dequantizes and then calls ``F.linear`` (instead of an autograd Function that
+dequantizes again in backward) makes autograd keep the bf16 weight: ``saves_dequantized_weight``
+adds the block's linears at 2 bytes per element.
 With gradient checkpointing each block keeps only its input ``2·T·h``; the block being
 back-propagated is recomputed, so the peak holds all block inputs + one block's saved tensors +
 the backward workspace (the residual gradient and the MLP gradients in flight, ``4·T·h + 6·T·I``).
@@ -58,8 +65,8 @@ from mtpeft.profile.architecture import Architecture
 GIB = 1024**3
 NF4_BLOCK = 64
 DQ_BLOCK = 256
-NF4_TABLE_BYTES = 16 * 4
-DQ_TABLE_BYTES = 256 * 4 + 4
+DQ_CODE_BYTES = 256 * 4
+DQ_OFFSET_BYTES = 4
 _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                  "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 PEFT_METHODS = ("lora", "ia3", "prompt", "prefix", "serial_adapter", "parallel_adapter")
@@ -167,6 +174,8 @@ class PlanSettings:
     max_live_parameters: int = 1_000_000_000
     reduce_bucket_size: int = 500_000_000
     allocator_margin: float = 0.10
+    dropout_mask_bytes: int = 1
+    saves_dequantized_weight: bool = False
 
 
 def per_rank(nbytes: int, world: int, element: int = 2) -> int:
@@ -179,9 +188,9 @@ def nf4_tensor_bytes(numel: int, double_quant: bool) -> Tuple[int, List[int]]:
     """(packed bytes, [constant tensors' bytes]) of one quantized weight."""
     blocks = -(-numel // NF4_BLOCK)
     if double_quant:
-        consts = [blocks, 4 * -(-blocks // DQ_BLOCK), DQ_TABLE_BYTES, NF4_TABLE_BYTES]
+        consts = [blocks, 4 * -(-blocks // DQ_BLOCK), DQ_CODE_BYTES, DQ_OFFSET_BYTES]
     else:
-        consts = [4 * blocks, NF4_TABLE_BYTES]
+        consts = [4 * blocks]
     return -(-numel // 2), consts
 
 
@@ -204,7 +213,7 @@ def model_state_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:
             out["bf16_weights"] += per_rank(2 * numel, world)
     sizes = trainable_bytes_per_element(s.trainable_dtype)
     for key, size in sizes.items():
-        out[key] = sum(per_rank(n * size, world, min(size, 4)) for n in peft_tensors(arch, s.peft))
+        out[key] = sum(size * -(-n // world) for n in peft_tensors(arch, s.peft))
     return out
 
 
@@ -214,21 +223,25 @@ def _layer_saved_bytes(arch: Architecture, s: PlanSettings, b: int, L: int) -> i
     heads, q, kv = arch.num_heads, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     layernorm = arch.block_norm_params > 2 * h
     norm = 4 * T * h + (12 if layernorm else 4) * T
-    total = 2 * norm + 2 * T * (q + 2 * kv)
+    total = 2 * norm + 2 * T * q
     keys = L + (s.peft.get("n") if s.peft.method == "prefix" else 0)
     if s.attention == "eager":
-        total += 6 * b * heads * L * keys + (2 * 2 * T * q if kv != q else 0)
+        total += 2 * 2 * T * (q if kv != q else kv) + 6 * b * heads * L * keys
     else:
-        total += 2 * T * q + 4 * b * heads * L
+        total += 2 * 2 * T * kv + 2 * T * q + 4 * b * heads * L
     total += (6 if arch.gated_mlp else 2) * T * I
+    if s.saves_dequantized_weight:
+        total += 2 * arch.block_linear_params
     m = s.peft.method
     if m == "lora":
         r, dropout = s.peft.get("r"), s.peft.get("dropout") > 0
         targets = _lora_targets(arch, s.peft)
         if dropout:
-            total += sum(3 * T * t.in_features for t in targets)
+            total += sum((2 + s.dropout_mask_bytes) * T * t.in_features for t in targets)
         else:
             inputs = {_SHARED_INPUT.get(t.name.rsplit(".", 1)[-1], t.name): t.in_features for t in targets}
+            if s.attention != "eager":
+                inputs.pop("self_attn.o_proj", None)
             total += sum(2 * T * width for width in inputs.values())
         total += 2 * T * r * len(targets)
     elif m == "ia3":

@@ -1,0 +1,236 @@
+"""The memory planner against independent references: published parameter totals, hand formulas,
+bitsandbytes' own NF4 tensors, and the bytes autograd really saves for one decoder block."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtpeft.errors import UserError
+from mtpeft.profile import plan_cli
+from mtpeft.profile.architecture import count_architecture, load_architecture
+from mtpeft.profile.planner import (
+    PeftSpec,
+    PlanSettings,
+    _layer_saved_bytes,
+    model_state_bytes,
+    nf4_tensor_bytes,
+    parse_peft,
+    plan,
+    plan_model_states,
+    search,
+)
+
+GIB = 1024**3
+
+# Totals printed on each model card / computed by HF for the released checkpoints.
+PUBLISHED_TOTALS = {
+    "codellama-7b": 6_738_546_688,
+    "codellama-13b": 13_016_028_160,
+    "codellama-34b": 33_743_970_304,
+    "deepseek-coder-1.3b": 1_346_471_936,
+    "deepseek-coder-6.7b": 6_740_512_768,
+    "qwen2.5-coder-1.5b": 1_543_714_304,
+    "qwen2.5-coder-7b": 7_615_616_512,
+    "qwen2.5-coder-32b": 32_763_876_352,
+    "starcoder2-3b": 3_030_371_328,
+    "starcoder2-7b": 7_173_923_840,
+    "starcoder2-15b": 15_957_889_024,
+}
+
+
+def _cli(*argv: str, capsys) -> dict:
+    parser = argparse.ArgumentParser()
+    plan_cli.add_arguments(parser)
+    assert plan_cli.run(parser.parse_args(list(argv) + ["--json"])) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_codellama_34b_fits_one_24gib_gpu(capsys):
+    out = _cli("--model", "codellama-34b", "--gpus", "1", "--gpu-mem", "24", "--seq", "2048",
+               "--micro-batch", "1", capsys=capsys)
+    assert abs(out["total_params"] - 33_743_970_304) <= 0.001 * 33_743_970_304
+    assert out["fits"] is True
+    assert out["predicted_peak_gib"] <= 22.0
+    assert out["settings"]["checkpointing"] is True
+    assert out["per_gpu_bytes"] == sum(out["breakdown"].values())
+    # 4-bit packed weights are half a byte per quantized element: 33.22e9 / 2 bytes.
+    assert out["breakdown"]["packed_weights"] == 33_218_887_680 // 2
+
+
+def test_eight_gpus_hold_one_eighth_of_the_weights(capsys):
+    one = _cli("--model", "codellama-34b", "--gpus", "1", capsys=capsys)["breakdown"]
+    eight = _cli("--model", "codellama-34b", "--gpus", "8", capsys=capsys)["breakdown"]
+    for key in ("packed_weights", "quant_constants", "bf16_weights", "optimizer_states"):
+        assert eight[key] == pytest.approx(one[key] / 8, rel=1e-4), key
+    assert eight["activations"] == one["activations"]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))
+def test_shipped_architectures_match_published_totals(name):
+    assert load_architecture(name).total_params == PUBLISHED_TOTALS[name]
+
+
+def test_local_config_counts_match_hand_formula(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = load_architecture(tmp_path)
+    h, i, kv, v, n = 64, 160, 32, 300, 3
+    linears = n * (2 * h * h + 2 * h * kv + 3 * h * i)
+    assert arch.quantizable_linear_params == linears
+    assert arch.embedding_params == v * h and arch.lm_head_params == 0 and arch.tied_lm_head
+    assert arch.norm_params == (2 * n + 1) * h
+    assert arch.total_params == linears + v * h + (2 * n + 1) * h
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(97, 131)  # 12707 elements: partial last block and partial 256-group
+    for dq in (True, False):
+        packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
+        ours_packed, consts = nf4_tensor_bytes(w.numel(), dq)
+        assert ours_packed == packed.numel() * packed.element_size()
+        theirs = [state.absmax.numel() * state.absmax.element_size()]
+        if dq:
+            theirs += [state.state2.absmax.numel() * 4, state.state2.code.numel() * 4, 4]
+        assert consts == theirs
+
+
+def test_zero3_padding_per_tensor():
+    arch = load_architecture("deepseek-coder-1.3b")
+    s = PlanSettings(world_size=3, peft=PeftSpec("lora", {"r": 5}))
+    states = model_state_bytes(arch, s)
+    # Hand count: every tensor padded to ceil(items / 3), items are 2-byte storage elements.
+    expected = 0
+    for kind, numel, _ in arch.tensors:
+        if kind == "quant":
+            expected += math.ceil(math.ceil(numel / 2 / 2) / 3) * 2
+    assert states["packed_weights"] == expected
+    lora = [5 * 2048, 2048 * 5] * 4 + [5 * 2048, 5504 * 5] * 2 + [5 * 5504, 2048 * 5]
+    assert states["optimizer_states"] == 24 * sum(math.ceil(n / 3) * 8 for n in lora)
+
+
+class _FakeQuantLinear(nn.Module):
+    """Stands in for a quantized linear: packed bytes and constants as frozen bf16 tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = nn.Parameter(torch.zeros(1001, dtype=torch.bfloat16), requires_grad=False)
+        self.absmax = nn.Parameter(torch.zeros(33, dtype=torch.bfloat16), requires_grad=False)
+
+
+def test_plan_model_states_counts_an_actual_module():
+    model = nn.Module()
+    model.q = _FakeQuantLinear()
+    model.norm = nn.LayerNorm(7).to(torch.bfloat16).requires_grad_(False)
+    model.lora_A = nn.Parameter(torch.zeros(5, 7))
+    model.prompt = nn.Parameter(torch.zeros(11, dtype=torch.bfloat16))
+    got = plan_model_states(model, world_size=4)
+    assert got["packed_weights"] == math.ceil(1001 / 4) * 2
+    assert got["quant_constants"] == math.ceil(33 / 4) * 2
+    assert got["bf16_weights"] == 2 * math.ceil(7 / 4) * 2
+    # fp32 LoRA: 4 B param; bf16 prompt: 2 B param + 4 B fp32 master.
+    assert got["trainable_params"] == math.ceil(35 / 4) * 4 + math.ceil(11 / 4) * (2 + 4)
+    assert got["gradients"] == (math.ceil(35 / 4) + math.ceil(11 / 4)) * 4
+    assert got["optimizer_states"] == (math.ceil(35 / 4) + math.ceil(11 / 4)) * 8
+
+
+def test_plan_model_states_agrees_with_the_architecture_plan():
+    quant = pytest.importorskip("mtpeft.quant.linear")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    arch = count_architecture(model, "tiny")
+    model.requires_grad_(False)
+    quant.quantize_model(model, skip=("lm_head",))
+    planned = model_state_bytes(arch, PlanSettings(world_size=2, peft=PeftSpec("ia3", {})))
+    measured = plan_model_states(model, world_size=2)
+    for key in ("packed_weights", "quant_constants", "bf16_weights"):
+        assert measured[key] == planned[key], key
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_layer_activation_bytes_equal_what_autograd_saves(attention, dropout):
+    """Sum the storages autograd keeps for one LoRA'd bf16 block (frozen base) and compare."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, attn_implementation=attention)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    arch = count_architecture(base, "tiny")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets))
+    model.to(torch.bfloat16).train()
+    b, L = 2, 16
+    inner = model.base_model.model.model
+    x = torch.randn(b, L, 64, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(L)[None].expand(b, L)
+    cos, sin = inner.rotary_emb(x, pos)
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin, x]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in shared:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inner.layers[1](x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+    # On CPU dropout keeps a bf16 noise tensor (2 bytes) where CUDA keeps a bool mask.
+    s = PlanSettings(peft=PeftSpec("lora", {"dropout": dropout}), attention=attention, dropout_mask_bytes=2)
+    assert _layer_saved_bytes(arch, s, b, L) == sum(saved.values())
+
+
+def test_checkpointing_off_needs_more_and_searches_are_tight():
+    arch = load_architecture("deepseek-coder-1.3b")
+    base = PlanSettings(gpu_mem_gib=16, seq=1024)
+    on = plan(arch, base)
+    off = plan(arch, PlanSettings(gpu_mem_gib=16, seq=1024, checkpointing=False))
+    assert off["breakdown"]["activations"] > 3 * on["breakdown"]["activations"]
+    s, notes = search(arch, base, micro_batch_auto=True)
+    b = notes["micro_batch"]
+    assert plan(arch, s)["fits"] and not plan(arch, PlanSettings(gpu_mem_gib=16, seq=1024, micro_batch=b + 1))["fits"]
+    s, notes = search(arch, PlanSettings(gpu_mem_gib=4), seq_auto=True)
+    assert notes["seq"] % 64 == 0 and plan(arch, s)["fits"]
+    assert not plan(arch, PlanSettings(gpu_mem_gib=4, seq=notes["seq"] + 64))["fits"]
+
+
+def test_offload_auto_picks_cpu_when_states_do_not_fit():
+    arch = load_architecture("codellama-34b")
+    s, notes = search(arch, PlanSettings(gpu_mem_gib=12, world_size=1), offload_auto=True)
+    assert notes["offload"] == "cpu"
+    result = plan(arch, s)
+    kept = plan(arch, PlanSettings(gpu_mem_gib=12))["breakdown"]
+    moved = sum(kept[k] for k in ("packed_weights", "quant_constants", "bf16_weights", "trainable_params",
+                                  "gradients", "optimizer_states"))
+    assert result["fits"] and result["cpu_bytes_per_node"] == moved and result["breakdown"]["packed_weights"] == 0
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match="known: codellama-13b"):
+        load_architecture("llama-9000b")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="unreadable config.json"):
+        load_architecture(bad)
+    for spec in ("lora:r=x", "lora:rank=4", "adapterx", "prompt:0"):
+        with pytest.raises(UserError):
+            parse_peft(spec)
+    assert parse_peft("prompt:20").get("n") == 20
+    assert parse_peft("lora:r=8,targets=q_proj+v_proj").get("targets") == "q_proj+v_proj"
+    with pytest.raises(UserError, match="--seq"):
+        _cli("--model", "codellama-7b", "--seq", "-3", capsys=capsys)
+    for err in (UserError("x"),):
+        assert "\n" not in str(err)
