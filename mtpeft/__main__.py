@@ -1,0 +1,5 @@
+import sys
+
+from mtpeft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,269 @@
+"""RunConfig: the whole experiment in one typed object.
+
+Loaded from YAML, then ``--set a.b=value`` overrides; every key is checked against the dataclass
+fields so a typo is an ``error:`` naming the key and the nearest valid one, never a silent default.
+Relative paths are resolved against the YAML file's folder, so a config and its data travel together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mtpeft.errors import ConfigError
+
+TASK_KINDS = ("classify", "pair_classify", "retrieve", "generate")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    quant: str = "none"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    kind: str = ""
+    format: str = ""
+    train: str = ""
+    eval: str = ""
+    max_eval_examples: int = 0
+    head_dropout: float = 0.1
+    max_new_tokens: int = 32
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "round_robin"
+
+
+@dataclass
+class WeightingConfig:
+    kind: str = "uniform"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    head_lr: float = 0.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    max_seq_len: int = 256
+    eval_every: int = 0
+    save_every: int = 0
+    retrieval_temperature: float = 0.05
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "zero3.json"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    tasks: list = field(default_factory=list)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.quant": ("none", "nf4"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "peft.method": ("lora",),
+    "sampler.kind": ("round_robin",),
+    "weighting.kind": ("uniform",),
+}
+_PATH_KEYS = ("train", "eval")
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML RunConfig, apply ``a.b=value`` overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML RunConfig")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, peft, tasks, ...)")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def from_dict(raw: dict, base_dir: Path = Path("."), source: str = "<dict>") -> RunConfig:
+    cfg = _build(RunConfig, raw, "", source)
+    cfg.source = source
+    cfg.tasks = [_build(TaskConfig, t, f"tasks[{i}].", source) if isinstance(t, dict) else _not_mapping(i, source)
+                 for i, t in enumerate(cfg.tasks)]
+    _validate(cfg, base_dir, source)
+    return cfg
+
+
+def _not_mapping(i: int, source: str):
+    raise ConfigError(f"{source}: tasks[{i}] must be a mapping with name, kind, format, train, eval")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        if part.isdigit() and isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    leaf = parts[-1]
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    if isinstance(node, list):
+        node[int(leaf)] = parsed
+    else:
+        node[leaf] = parsed
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str, source: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                list: "a list", dict: "a mapping"}
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin in expected and not (isinstance(value, origin) and not (origin is int and isinstance(value, bool))):
+        raise ConfigError(f"{source}: {key} must be {expected[origin]}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)}, got {value!r}")
+    if not cfg.model.name_or_path:
+        raise ConfigError(f"{source}: model.name_or_path is required (a local model folder or a hub id)")
+    local = base_dir / cfg.model.name_or_path
+    if local.exists():
+        cfg.model.name_or_path = str(local.resolve())
+    if not cfg.tasks:
+        raise ConfigError(f"{source}: tasks is empty; list at least one task with name, kind, format, train, eval")
+    from mtpeft.tasks.formats import FORMATS
+
+    seen = set()
+    for i, task in enumerate(cfg.tasks):
+        where = f"{source}: tasks[{i}]"
+        for req in ("name", "kind", "format", "train", "eval"):
+            if not getattr(task, req):
+                raise ConfigError(f"{where}.{req} is required")
+        if task.name in seen:
+            raise ConfigError(f"{where}.name {task.name!r} is used twice; task names must be unique")
+        seen.add(task.name)
+        if task.kind not in TASK_KINDS:
+            near = difflib.get_close_matches(task.kind, TASK_KINDS, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"{where}.kind: unknown task kind {task.kind!r} (one of {', '.join(TASK_KINDS)}){hint}")
+        if task.format not in FORMATS:
+            near = difflib.get_close_matches(task.format, list(FORMATS), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"{where}.format: unknown dataset format {task.format!r} "
+                              f"(one of {', '.join(sorted(FORMATS))}){hint}")
+        if FORMATS[task.format].kind != task.kind:
+            raise ConfigError(f"{where}: format {task.format} gives {FORMATS[task.format].kind} examples, "
+                              f"but kind is {task.kind}; set kind: {FORMATS[task.format].kind}")
+        for key in _PATH_KEYS:
+            value = getattr(task, key)
+            p = base_dir / value
+            if p.exists() or not _looks_like_hub_id(value):
+                if not p.exists():
+                    raise ConfigError(f"{where}.{key}: file not found: {p}")
+                setattr(task, key, str(p.resolve()))
+    t = cfg.train
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "max_seq_len"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"{source}: train.{key} must be positive, got {getattr(t, key)}")
+    if t.lr <= 0:
+        raise ConfigError(f"{source}: train.lr must be positive, got {t.lr}")
+    if cfg.peft.r <= 0:
+        raise ConfigError(f"{source}: peft.r must be positive, got {cfg.peft.r}")
+    if not 0.0 <= cfg.peft.dropout < 1.0:
+        raise ConfigError(f"{source}: peft.dropout must be in [0, 1), got {cfg.peft.dropout}")
+    out = Path(cfg.output.dir)
+    if not out.is_absolute():
+        cfg.output.dir = str((Path.cwd() / out).resolve())
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    """``owner/name`` or ``owner/name:split``-style dataset ids are fetched through HF datasets."""
+    return value.count("/") == 1 and not value.startswith((".", "/")) and "." not in value.split("/")[-1]
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    data = cfg.to_dict()
+    data.pop("source", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

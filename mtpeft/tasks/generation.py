@@ -1,0 +1,76 @@
+"""Code generation from a natural-language instruction, through the backbone's LM head.
+
+Prompt format of the code-generation study: ``### Instruction:\\n{nl}\\n### Response:\\n``; the loss
+covers the response (and its end-of-sequence token) only. Each example's loss is the mean over its
+own response tokens and the batch loss the mean over examples, so the loss of a global batch does not
+depend on how it is split across ranks (DESIGN contract 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mtpeft.tasks.classification import bos
+from mtpeft.tasks.metrics import bleu, exact_match
+
+PROMPT = "### Instruction:\n{nl}\n### Response:\n"
+
+
+class Generate:
+    name = "generate"
+    metric = "exact_match"
+
+    def __init__(self, max_new_tokens: int = 32):
+        self.max_new_tokens = max_new_tokens
+
+    def encode(self, ex: dict, tok, max_len: int) -> dict:
+        prompt = bos(tok) + tok(PROMPT.format(nl=ex["prompt"]), add_special_tokens=False)["input_ids"]
+        target = tok(ex["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        prompt = prompt[-max(1, max_len - len(target)):] if len(prompt) + len(target) > max_len else prompt
+        ids = (prompt + target)[:max_len]
+        return {"ids": ids, "prompt_len": len(prompt)}
+
+    def collate(self, items: list[dict], pad_id: int) -> dict:
+        width = max(len(it["ids"]) for it in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, it in enumerate(items):
+            n = len(it["ids"])
+            ids[i, :n] = torch.tensor(it["ids"])
+            mask[i, :n] = 1
+            labels[i, it["prompt_len"]:n] = ids[i, it["prompt_len"]:n]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model, task: str, batch: dict, ctx) -> torch.Tensor:
+        logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                    ignore_index=-100, reduction="none").view(labels.shape)
+        counts = (labels != -100).sum(1).clamp_min(1)
+        return (per_token.sum(1) / counts).mean()
+
+    def prompt_ids(self, ex: dict, tok, max_len: int) -> list[int]:
+        ids = bos(tok) + tok(PROMPT.format(nl=ex["prompt"]), add_special_tokens=False)["input_ids"]
+        return ids[-(max_len - self.max_new_tokens):] if len(ids) > max_len - self.max_new_tokens else ids
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[list[int]], tok, synced: bool) -> list[str]:
+        """Greedy decoding; ``synced`` keeps every ZeRO-3 rank stepping until all are done."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: new tokens line up at the right edge
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = model.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                      do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id, synced_gpus=synced)
+        return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+    def score(self, preds: list, examples: list[dict]) -> dict:
+        refs = [e["target"] for e in examples]
+        empty = [""] * len(refs)
+        return {"metric": self.metric, "value": exact_match(preds, refs), "chance": exact_match(empty, refs),
+                "bleu": bleu(preds, refs), "chance_bleu": bleu(empty, refs)}

@@ -1,0 +1,69 @@
+"""Fill a DeepSpeed JSON template from RunConfig.
+
+``"auto"`` fields take RunConfig's values. A concrete value that contradicts RunConfig (micro-batch,
+accumulation, global batch, precision) is an error rather than a silent override: two sources of
+truth for the batch size is how runs stop being reproducible.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from mtpeft.config import RunConfig
+from mtpeft.errors import ConfigError
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def template_path(name: str, config_dir: Path | None = None) -> Path:
+    candidates = [Path(name)]
+    if config_dir is not None:
+        candidates.append(config_dir / name)
+    candidates.append(TEMPLATE_DIR / name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = ", ".join(sorted(p.name for p in TEMPLATE_DIR.glob("*.json")))
+    raise ConfigError(f"deepspeed.config: {name} not found (looked in {', '.join(str(c.parent) for c in candidates)}); "
+                      f"shipped templates: {known}")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fill(ds: dict, key_path: str, value, where: str) -> None:
+    *parents, leaf = key_path.split(".")
+    node = ds
+    for p in parents:
+        node = node.setdefault(p, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+    elif current != value:
+        raise ConfigError(f"{where}: {key_path} is {current!r} but RunConfig gives {value!r}; "
+                          f"set it to \"auto\" (or change the RunConfig key instead)")
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    path = template_path(cfg.deepspeed.config, Path(cfg.source).resolve().parent if cfg.source else None)
+    try:
+        template = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: malformed JSON in DeepSpeed config ({exc.msg})") from None
+    ds = _merge(template, cfg.deepspeed.overrides or {})
+    where = f"{path.name} (+ deepspeed.overrides)"
+    t = cfg.train
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, where)
+    _fill(ds, "gradient_accumulation_steps", t.grad_accum, where)
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size, where)
+    _fill(ds, "bf16.enabled", cfg.model.dtype == "bfloat16", where)
+    _fill(ds, "fp16.enabled", cfg.model.dtype == "float16", where)
+    if ds.get("fp16", {}).get("enabled"):
+        ds["fp16"].setdefault("initial_scale_power", 16)
+    return ds
