@@ -3,7 +3,8 @@
 Each rank builds the same seeded model, computes the plain single-process forward, then wraps the
 model in a ZeRO-3 engine and runs the same forward again. It writes ``rank<k>.json`` into the
 directory given as argv[1]: whether the logits are identical, and how many quantized bf16 storage
-elements this rank holds versus the whole model.
+elements this rank holds versus the whole model; rank 0 also saves the ZeRO-3 logits. Importing
+this file has no side effects (the test imports build_model and input_ids to recompute the reference).
 """
 
 import argparse
@@ -11,14 +12,11 @@ import json
 import os
 import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from mtpeft.quant import QuantLinear, quantize_model  # noqa: E402
+from mtpeft.quant import QuantLinear, quantize_model
 
 
 def build_model() -> torch.nn.Module:
@@ -29,14 +27,20 @@ def build_model() -> torch.nn.Module:
     return model.eval()
 
 
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
 def main(out_dir: str) -> None:
     start = time.time()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     model = build_model()
-    input_ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = model(input_ids=input_ids).logits.clone()
+        expected = model(input_ids=input_ids()).logits.clone()
     quant_params = [p for m in model.modules() if isinstance(m, QuantLinear) for p in m.quant_parameters()]
     total = sum(p.numel() for p in quant_params)
 
@@ -54,7 +58,9 @@ def main(out_dir: str) -> None:
     local = sum(p.ds_tensor.numel() for p in quant_params)
     partitioned = all(p.numel() == 0 for p in quant_params)
     with torch.no_grad():
-        got = engine(input_ids=input_ids).logits
+        got = engine(input_ids=input_ids()).logits
+    if rank == 0:
+        torch.save(got, os.path.join(out_dir, "logits_rank0.pt"))
     result = {
         "rank": rank,
         "world_size": dist.get_world_size(),
