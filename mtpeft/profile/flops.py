@@ -1,0 +1,102 @@
+"""Matmul FLOPs of one training step of a decoder whose base is frozen.
+
+The usual "backward = 2 × forward" rule (DeepSpeed's flops profiler, 6·N·tokens) assumes every
+weight gets a gradient. With a frozen base a linear's backward only computes the input gradient
+``dX = dY·W`` (one matmul, same FLOPs as its forward); weight gradients exist only for the PEFT
+parameters. So, per step, with ``T = b·L`` tokens and a matmul ``[m, k]·[k, n]`` costing ``2·m·n·k``:
+
+  forward      every block linear ``2·T·in·out``; attention ``QKᵀ`` and ``P·V`` each ``2·b·heads·L·L_k·d``
+               (causal attention counted in full, as torch's FlopCounterMode and the fused kernels'
+               dense tiles do); LM head ``2·T·h·V``; LoRA ``2·T·r·(in + out)`` per adapted linear.
+  backward     input gradients of the frozen linears and the LM head (1 × their forward); attention
+               ``dQ, dK, dP, dV`` (2 × its forward); LoRA: ``dB, d(xA), dA, dx`` (2 × its forward).
+               Block 0's q/k/v read the frozen embedding, which needs no gradient: their input
+               gradients (base and LoRA ``dx``) are not computed, exactly as autograd skips them.
+  recompute    with gradient checkpointing, one more forward of the blocks (not the LM head).
+
+Elementwise work (norms, RoPE, softmax, SiLU, loss, Adam) is not counted: it is memory-bound and
+torch's FlopCounterMode ignores it too. Flash attention's backward also recomputes ``QKᵀ``; that
+kernel-internal matmul is not counted here (FlopCounterMode's SDPA rule omits it as well).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Union
+
+from mtpeft.profile.architecture import Architecture, count_architecture, load_architecture
+
+_ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
+
+
+def _as_architecture(config: Any) -> Architecture:
+    if isinstance(config, Architecture):
+        return config
+    if isinstance(config, str):
+        return load_architecture(config)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(config, dict):
+        config = AutoConfig.for_model(**config)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"step_flops: expected a name, config dict, PretrainedConfig or Architecture, got {type(config)}")
+    with torch.device("meta"):
+        return count_architecture(AutoModelForCausalLM.from_config(config), getattr(config, "model_type", "model"))
+
+
+def step_flops(config: Union[str, Dict[str, Any], Any], seq: int, micro_batch: int, peft: str = "lora",
+               r: int = 16, checkpointing: bool = True, targets: Any = None, virtual_tokens: int = 0,
+               bottleneck: int = 64, embedding_grad: bool = False) -> Dict[str, int]:
+    """Named FLOP terms of one optimizer step on one micro-batch, and their ``total``.
+
+    ``peft``: lora (``r``, ``targets`` = leaf names, default all block linears), ia3, prompt / prefix
+    (``virtual_tokens``), serial_adapter / parallel_adapter (``bottleneck``), or none.
+    ``embedding_grad``: the embedding output requires grad anyway (HF's ``gradient_checkpointing_enable``
+    on a PEFT model registers ``enable_input_require_grads``), so block 0 computes its q/k/v input grads.
+    """
+    arch = _as_architecture(config)
+    b, n_layers = micro_batch, arch.num_layers
+    L = seq + (virtual_tokens if peft == "prompt" else 0)
+    keys = L + (virtual_tokens if peft == "prefix" else 0)
+    T, h = b * L, arch.hidden_size
+    leaf = lambda s: s.name.rsplit(".", 1)[-1]  # noqa: E731
+    lora = [s for s in arch.block_linears if peft == "lora" and (targets is None or leaf(s) in targets)]
+    lora_leaves = {leaf(s) for s in lora}
+
+    fwd_linear = n_layers * sum(2 * T * s.in_features * s.out_features for s in arch.block_linears)
+    one_attn_matmul = 2 * b * arch.num_heads * L * keys * arch.head_dim
+    fwd_attn = n_layers * 2 * one_attn_matmul
+    fwd_lora = n_layers * sum(2 * T * r * (s.in_features + s.out_features) for s in lora)
+    fwd_adapter = 0
+    if peft in ("serial_adapter", "parallel_adapter"):
+        fwd_adapter = n_layers * (2 if peft == "serial_adapter" else 1) * 2 * (2 * T * h * bottleneck)
+    fwd_head = 2 * T * h * arch.vocab_size
+
+    # Block 0: inputs of q/k/v carry no gradient unless the prompt itself is trained.
+    layer0_frozen_input = peft != "prompt" and not embedding_grad
+    skipped_dx = 0
+    skipped_lora_dx = 0
+    bwd_attn = 2 * fwd_attn
+    if layer0_frozen_input:
+        attn_in = [s for s in arch.block_linears if leaf(s) in _ATTN_INPUTS]
+        skipped_dx = sum(2 * T * s.in_features * s.out_features for s in attn_in)
+        skipped_lora_dx = sum(2 * T * r * s.in_features for s in lora if leaf(s) in _ATTN_INPUTS)
+        q_grad = "q_proj" in lora_leaves or peft == "prefix"
+        k_grad = "k_proj" in lora_leaves or peft in ("prefix", "ia3")
+        v_grad = "v_proj" in lora_leaves or peft in ("prefix", "ia3")
+        layer0 = one_attn_matmul * (int(q_grad) + int(k_grad) + int(q_grad or k_grad) + int(v_grad))
+        bwd_attn = 2 * fwd_attn * (n_layers - 1) // n_layers + layer0
+
+    terms = {
+        "forward_linears": fwd_linear,
+        "forward_attention": fwd_attn,
+        "forward_peft": fwd_lora + fwd_adapter,
+        "forward_lm_head": fwd_head,
+        "backward_input_grad_linears": fwd_linear - skipped_dx,
+        "backward_attention": bwd_attn,
+        "backward_peft": 2 * fwd_lora - skipped_lora_dx + 2 * fwd_adapter,
+        "backward_lm_head_input_grad": fwd_head,
+        "recompute": (fwd_linear + fwd_attn + fwd_lora + fwd_adapter) if checkpointing else 0,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
