@@ -83,8 +83,14 @@ CASES = [
 ]
 
 
+def case_id(case) -> str:
+    h_shape, r, dtype, activation, with_bias, parallel = case
+    parts = [str(dtype).replace("torch.", ""), "x".join(map(str, h_shape)) + f"-r{r}", activation]
+    return "-".join(parts + (["bias"] if with_bias else []) + ["parallel" if parallel else "serial"])
+
+
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("h_shape,r,dtype,activation,with_bias,parallel", CASES)
+@pytest.mark.parametrize("h_shape,r,dtype,activation,with_bias,parallel", CASES, ids=[case_id(c) for c in CASES])
 def test_forward_and_all_gradients_match_float64(monkeypatch, kernels, h_shape, r, dtype, activation, with_bias,
                                                  parallel):
     run_case(monkeypatch, kernels, h_shape, r, dtype, activation, with_bias, parallel)

@@ -88,8 +88,15 @@ CASES = [
 ]
 
 
+def case_id(case) -> str:
+    x_shape, n, r, dtype, double_quant, with_bias, with_ia3 = case
+    dims = "x".join(map(str, x_shape)) + f"-N{n}-r{r}"
+    flags = ["dq" if double_quant else "nodq"] + (["bias"] if with_bias else []) + (["ia3"] if with_ia3 else [])
+    return "-".join([str(dtype).replace("torch.", ""), dims] + flags)
+
+
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("x_shape,n,r,dtype,double_quant,with_bias,with_ia3", CASES)
+@pytest.mark.parametrize("x_shape,n,r,dtype,double_quant,with_bias,with_ia3", CASES, ids=[case_id(c) for c in CASES])
 def test_forward_and_all_gradients_match_float64(monkeypatch, kernels, x_shape, n, r, dtype, double_quant,
                                                  with_bias, with_ia3):
     run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3)

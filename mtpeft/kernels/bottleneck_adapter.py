@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
+from mtpeft.kernels.triton_compat import cast, dot
 from mtpeft.kernels.bottleneck_adapter_reference import (
     ACTIVATIONS,
     bottleneck_adapter_reference,
@@ -43,21 +44,6 @@ def _configs() -> list:
             (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
         ]
     ]
-
-
-if interpreter_enabled():
-    # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 bits; upcasting is exact.
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-
-else:
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -125,13 +111,13 @@ def _gemm_epilogue_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+        acc = dot(a, b, acc, IEEE)
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
         tl.store(z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn,
-                 acc.to(z_ptr.dtype.element_ty), mask=mask)
+                 cast(acc, z_ptr.dtype.element_ty), mask=mask)
     acc = _activation(acc, ACT)
     acc = acc * scale
     if ACT_GRAD != 0:
@@ -140,7 +126,7 @@ def _gemm_epilogue_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn,
                        mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, cast(acc, c_ptr.dtype.element_ty), mask=mask)
 
 
 def _gemm(a, b, *, bias=None, act=0, z=None, store_pre=False, act_grad=0, residual=None,

@@ -21,13 +21,11 @@ import triton
 import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
+from mtpeft.kernels.triton_compat import cast, dot
 from mtpeft.kernels.nf4_lora_linear_reference import nf4_lora_linear_reference
 from mtpeft.quant.nf4_format import NF4Weight
 
-ABSMAX_BLOCKSIZE = 256  # bitsandbytes' block for the second-level (double) quantization
-
-
-def _gemm_configs(small_m_first: bool) -> list:
+def _gemm_configs() -> list:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     cfg = []
@@ -50,22 +48,6 @@ def _prune_by_m(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-if interpreter_enabled():
-    # Triton 3.9's interpreter multiplies bf16 tiles as their raw uint16 bits; upcasting first is
-    # exact (a bf16 x bf16 product fits fp32) and matches what tensor cores accumulate.
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-
-else:
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
                 absmax_offset, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
@@ -76,14 +58,14 @@ def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, a
     block = flat // BLOCKSIZE
     if DOUBLE_QUANT:
         absmax_q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + block // 256, mask=mask, other=0.0)
+        scale = tl.load(absmax_scale_ptr + block // 256, mask=mask, other=0.0)  # bnb's nested block
         absmax = tl.load(absmax_code_ptr + absmax_q) * scale + absmax_offset
     else:
         absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return tl.where(mask, value * absmax, 0.0)
 
 
-@triton.autotune(configs=_gemm_configs(True), key=["M", "N", "K", "R"],
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
@@ -118,7 +100,7 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
         w = _nf4_decode(rn[None, :] * K + kk[:, None], k_ok[:, None] & n_ok[None, :],
                         packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
                         absmax_offset, BLOCKSIZE, DOUBLE_QUANT)
-        acc = _dot(a, w.to(dtype), acc, IEEE)
+        acc = dot(a, cast(w, dtype), acc, IEEE)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
@@ -127,19 +109,19 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             bt = tl.load(b_ptr + rn[None, :] * stride_bn + (r0 + rr)[:, None] * stride_br,
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _dot(xa, bt, acc, IEEE)
+            acc = dot(xa, bt, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_offsets = rm[:, None] * stride_ym + rn[None, :] * stride_yn
     out_mask = m_ok[:, None] & n_ok[None, :]
     if STORE_PRE:
-        tl.store(ypre_ptr + out_offsets, acc.to(ypre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(ypre_ptr + out_offsets, cast(acc, ypre_ptr.dtype.element_ty), mask=out_mask)
     if HAS_IA3:
         acc *= tl.load(ia3_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + out_offsets, cast(acc, y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_gemm_configs(False), key=["M", "N", "K", "R"],
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
@@ -173,11 +155,11 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
         d = tl.load(dy_ptr + rm[:, None] * stride_dym + nn[None, :] * stride_dyn,
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_IA3:
-            d = (d.to(tl.float32) * tl.load(ia3_ptr + nn, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dtype)
+            d = cast(d.to(tl.float32) * tl.load(ia3_ptr + nn, mask=n_ok, other=0.0).to(tl.float32)[None, :], dtype)
         w = _nf4_decode(nn[:, None] * K + rk[None, :], n_ok[:, None] & k_ok[None, :],
                         packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
                         absmax_offset, BLOCKSIZE, DOUBLE_QUANT)
-        acc = _dot(d, w.to(dtype), acc, IEEE)
+        acc = dot(d, cast(w, dtype), acc, IEEE)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
@@ -186,9 +168,9 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + rk[None, :] * stride_ak,
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dot(g, a, acc, IEEE)
+            acc = dot(g, a, acc, IEEE)
     tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+             cast(acc, dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 def _block_r(r: int) -> int:

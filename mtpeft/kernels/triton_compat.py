@@ -1,0 +1,40 @@
+"""``dot`` and ``cast`` for kernels that must behave the same compiled and under the interpreter.
+
+Triton 3.9's interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) mishandles bf16:
+``tl.dot`` multiplies bf16 tiles as their raw uint16 bits, and fp32 -> bf16 casts truncate instead
+of rounding to nearest even. Under the interpreter these helpers upcast before the dot (exact: a
+bf16 x bf16 product fits fp32, and tensor cores accumulate in fp32 too) and round bf16 by hand,
+so the tests see the GPU's arithmetic. Compiled, they are plain ``tl.dot`` / ``.to``; ``ieee`` keeps
+fp32 inputs out of TF32 so fp32 training gets fp32 products.
+"""
+
+import triton
+import triton.language as tl
+
+from mtpeft.kernels.backend import interpreter_enabled
+
+if interpreter_enabled():
+
+    @triton.jit
+    def dot(a, b, acc, IEEE: tl.constexpr):
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+    @triton.jit
+    def cast(x, dtype: tl.constexpr):
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(dtype)
+
+else:
+
+    @triton.jit
+    def dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def cast(x, dtype: tl.constexpr):
+        return x.to(dtype)
