@@ -84,8 +84,10 @@ def _measured(checkpointing: bool, attention: str = "eager") -> int:
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     if checkpointing:
         inner = model.base_model.model
-        enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5 name
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(0, V, (B, L))
     with FlopCounterMode(display=False) as counter:
