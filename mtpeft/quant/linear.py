@@ -5,6 +5,10 @@ Every byte of the quantized weight (packed nibbles and all constants) lives in a
 trick). DeepSpeed then shards, gathers and moves them like any frozen bf16 tensor, and
 :meth:`QuantLinear.quant_weight` views the gathered bytes back as an :class:`NF4Weight`. Casts
 (``model.half()``, DeepSpeed's ``module.bfloat16()``) must not touch them, hence ``_apply``.
+
+ZeRO-3 keeps tensors below ``stage3_param_persistence_threshold`` (default 1e5 elements) whole on
+every rank: the 256-entry absmax code tables, offsets and small layers' constants among them. Set
+it low to shard everything (tests/test_quant_zero3.py uses 0).
 """
 
 from __future__ import annotations
