@@ -234,3 +234,35 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         _cli("--model", "codellama-7b", "--seq", "-3", capsys=capsys)
     for err in (UserError("x"),):
         assert "\n" not in str(err)
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fit_34b.py"
+    spec = importlib.util.spec_from_file_location("fit_34b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fit_34b_bench_refuses_cpu_and_smoke_runs(tmp_path, capsys):
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    assert bench.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 64}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--allow-cpu", "--model", str(tmp_path), "--seq", "8", "--steps", "1",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert math.isfinite(result["losses"][0]) and result["layers"] == 1
+    arch = load_architecture(tmp_path)
+    assert result["predicted_peak_bytes"] == plan(arch, PlanSettings(
+        seq=8, peft=PeftSpec("lora", {"dropout": 0.0}), saves_dequantized_weight=not result["fused_lora_path"]
+    ))["predicted_peak_bytes"]
