@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
     parser.add_argument("--logits-chunk", type=int, default=0, help="tokens per loss chunk; 0 = full logits")
     parser.add_argument("--trainable-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--prefetch-bucket-size", type=int, default=50_000_000, help="stage3_prefetch_bucket_size")
+    parser.add_argument("--max-live-parameters", type=int, default=1_000_000_000, help="stage3_max_live_parameters")
+    parser.add_argument("--persistence-threshold", type=int, default=100_000,
+                        help="stage3_param_persistence_threshold")
     parser.add_argument("--margin", type=float, default=0.10, help="allocator margin, fraction of dynamic memory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -51,8 +55,11 @@ def _table(result: Dict[str, Any], notes: Dict[str, Any]) -> str:
         f"{'per GPU':<26}{'GiB':>10}",
     ]
     lines += [f"  {k:<24}{v / GIB:>10.3f}" for k, v in result["breakdown"].items()]
+    trained = ("fp32 params + fp32 grads + fp32 Adam (16 B each)" if s["trainable_dtype"] == "fp32"
+               else "bf16 params + fp32 master + bf16 grads + fp32 Adam (16 B each)")
     lines.append(f"  {'total (with margin)':<24}{result['per_gpu_bytes'] / GIB:>10.3f}")
     lines.append(f"  {'predicted peak allocated':<24}{result['predicted_peak_gib']:>10.3f}")
+    lines.append(f"trainable: {trained}, partitioned over {result['world_size']} rank(s)")
     lines.append(
         f"activations: {result['activations_checkpointing_bytes'] / GIB:.3f} GiB with checkpointing, "
         f"{result['activations_no_checkpointing_bytes'] / GIB:.3f} GiB without"
@@ -81,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         double_quant=args.double_quant == "on", offload="none" if args.offload == "auto" else args.offload,
         checkpointing=args.checkpointing == "on", attention=args.attention, logits_chunk=args.logits_chunk,
         trainable_dtype=args.trainable_dtype, allocator_margin=args.margin,
+        prefetch_bucket_size=args.prefetch_bucket_size, max_live_parameters=args.max_live_parameters,
+        persistence_threshold=args.persistence_threshold,
     )
     settings, notes = search(arch, settings, micro_batch_auto=not micro, seq_auto=not seq,
                              offload_auto=args.offload == "auto")

@@ -45,7 +45,8 @@ are returned. The peak is the larger of the forward end and the first block back
 ZeRO-3 buffers (world > 1 or parameter offload): the largest module gathered whole (a block's
 packed weights, constants, biases, norms and PEFT params, or the embedding / LM head), plus the
 prefetch bucket (``stage3_prefetch_bucket_size`` elements of 2 B, at most one more block), capped
-by ``stage3_max_live_parameters``; plus a gradient reduce bucket in fp32.
+by ``stage3_max_live_parameters``; plus a gradient reduce bucket in fp32; plus the tensors under
+``stage3_param_persistence_threshold`` that every rank keeps whole (norms, small constants).
 
 Offload ``cpu`` / ``nvme``: the partitioned base and the PEFT states (param, grad, Adam) leave the
 GPU; the GPU keeps the gather buffers and activations. Host bytes are per node.
@@ -173,6 +174,7 @@ class PlanSettings:
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
     reduce_bucket_size: int = 500_000_000
+    persistence_threshold: int = 100_000
     allocator_margin: float = 0.10
     dropout_mask_bytes: int = 1
     saves_dequantized_weight: bool = False
@@ -303,6 +305,23 @@ def _largest_gathered_bytes(arch: Architecture, s: PlanSettings) -> Tuple[int, i
     return max(block, other), block
 
 
+def persistent_bytes(arch: Architecture, s: PlanSettings) -> int:
+    """Tensors at or under ``stage3_param_persistence_threshold`` stay gathered whole on every rank
+    (on top of their partition, which ``model_state_bytes`` counts)."""
+    if s.world_size == 1 or s.offload != "none":
+        return 0
+    total = 0
+    for kind, numel, _ in arch.tensors:
+        if kind == "quant" and s.quant == "nf4":
+            packed, consts = nf4_tensor_bytes(numel, s.double_quant)
+            sizes = [packed, *consts]
+        else:
+            sizes = [2 * numel]
+        total += sum(2 * -(-n // 2) for n in sizes if -(-n // 2) <= s.persistence_threshold)
+    sizes = trainable_bytes_per_element(s.trainable_dtype)["trainable_params"]
+    return total + sum(n * sizes for n in peft_tensors(arch, s.peft) if n <= s.persistence_threshold)
+
+
 def zero3_buffer_bytes(arch: Architecture, s: PlanSettings) -> int:
     if s.world_size == 1 and s.offload == "none":
         return 0
@@ -330,6 +349,7 @@ def plan(arch: Architecture, s: PlanSettings) -> Dict[str, Any]:
     breakdown["activations"] = acts["activations"]
     breakdown["logits_loss"] = acts["logits_loss"]
     breakdown["zero3_buffers"] = zero3_buffer_bytes(arch, s)
+    breakdown["zero3_persistent"] = persistent_bytes(arch, s)
     peak = sum(breakdown.values())
     dynamic = acts["activations"] + acts["logits_loss"] + breakdown["zero3_buffers"]
     breakdown["allocator_margin"] = int(s.allocator_margin * dynamic)
