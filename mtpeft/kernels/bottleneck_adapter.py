@@ -75,10 +75,10 @@ def _activation_grad(z, ACT: tl.constexpr):
     return tl.full(z.shape, 1.0, tl.float32)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _gemm_epilogue_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
-                          M, N, K,
+                          M, N, K, M_BUCKET,
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           stride_zm, stride_zn, stride_rm, stride_rn,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
@@ -145,7 +145,7 @@ def _gemm(a, b, *, bias=None, act=0, z=None, store_pre=False, act_grad=0, residu
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _gemm_epilogue_kernel[grid](
         a, b, c, bias if bias is not None else c, z_arg, res, float(scale),
-        m, n, k,
+        m, n, k, max(16, triton.next_power_of_2(m)),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         z_arg.stride(0), z_arg.stride(1), res.stride(0), res.stride(1),
         HAS_BIAS=bias is not None, ACT=act, STORE_PRE=store_pre, ACT_GRAD=act_grad,

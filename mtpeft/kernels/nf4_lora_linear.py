@@ -42,8 +42,8 @@ def _gemm_configs() -> list:
 
 def _prune_by_m(configs, named_args, **kwargs):
     """Tiles much taller than M only waste the dequant work; keep those that fit the batch."""
-    m = named_args["M"]
-    cap = max(16, triton.next_power_of_2(m))
+    m = named_args["M_BUCKET"]
+    cap = max(16, m)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m > 64 or c.kwargs["BLOCK_M"] <= 32)]
     return kept or configs[:1]
 
@@ -65,12 +65,12 @@ def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, a
     return tl.where(mask, value * absmax, 0.0)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"],
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
                 packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                M, N, K, R,
+                lora_scale, M, N, K, R, M_BUCKET,
                 stride_xm, stride_xk, stride_am, stride_ar, stride_bn, stride_br, stride_ym, stride_yn,
                 HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IA3: tl.constexpr,
                 STORE_PRE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -107,6 +107,7 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
             r_ok = (r0 + rr) < R
             xa = tl.load(xa_ptr + rm[:, None] * stride_am + (r0 + rr)[None, :] * stride_ar,
                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            xa = cast(xa.to(tl.float32) * lora_scale, dtype)
             bt = tl.load(b_ptr + rn[None, :] * stride_bn + (r0 + rr)[:, None] * stride_br,
                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot(xa, bt, acc, IEEE)
@@ -121,12 +122,12 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
     tl.store(y_ptr + out_offsets, cast(acc, y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"],
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-               M, N, K, R,
+               M, N, K, R, M_BUCKET,
                stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
                HAS_LORA: tl.constexpr, HAS_IA3: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                BLOCKSIZE: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -173,6 +174,11 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
              cast(acc, dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
+def _m_bucket(m: int) -> int:
+    """Autotuning key for the token count: a power of two, so varying batch shapes reuse tunings."""
+    return max(16, triton.next_power_of_2(m))
+
+
 def _block_r(r: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(r, 1))))
 
@@ -214,12 +220,11 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         m, n = x2.shape[0], int(qweight.shape[0])
         has_lora = lora_A is not None
-        xa = xa_scaled = None
+        xa = None
         r = 0
         if has_lora:
             r = lora_A.shape[0]
             xa = x2 @ lora_A.to(x.dtype).t()
-            xa_scaled = xa * scaling
             b_cast = lora_B.to(x.dtype)
         store_pre = ia3 is not None and ia3.requires_grad
         y = empty_output((m, n), x.dtype, x.device)
@@ -228,11 +233,11 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         if m > 0:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             _fwd_kernel[grid](
-                x2, xa_scaled if has_lora else x2, b_cast if has_lora else x2, y, ypre,
+                x2, xa if has_lora else x2, b_cast if has_lora else x2, y, ypre,
                 bias if bias is not None else y, ia3 if ia3 is not None else y, *qargs,
-                m, n, k, r,
+                scaling, m, n, k, r, _m_bucket(m),
                 x2.stride(0), x2.stride(1),
-                xa_scaled.stride(0) if has_lora else 0, xa_scaled.stride(1) if has_lora else 0,
+                xa.stride(0) if has_lora else 0, xa.stride(1) if has_lora else 0,
                 b_cast.stride(0) if has_lora else 0, b_cast.stride(1) if has_lora else 0,
                 y.stride(0), y.stride(1),
                 HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_IA3=ia3 is not None,
@@ -285,7 +290,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 _dx_kernel[grid](
                     dy2, g_scaled if ctx.has_lora else dy2, a_cast if ctx.has_lora else dy2, dx,
                     ia3 if ia3 is not None else dy2, *qargs,
-                    m, n, k, r,
+                    m, n, k, r, _m_bucket(m),
                     dy2.stride(0), dy2.stride(1),
                     g_scaled.stride(0) if ctx.has_lora else 0, g_scaled.stride(1) if ctx.has_lora else 0,
                     a_cast.stride(0) if ctx.has_lora else 0, a_cast.stride(1) if ctx.has_lora else 0,
