@@ -131,6 +131,15 @@ class QuantLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
 
+    def forward_with_lora(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scaling: float) -> torch.Tensor:
+        """Base and LoRA in one fused op (``kernels.nf4_lora_linear``): called by ``LoraLinear``
+        while ZeRO-3 has this module's parameters and the LoRA factors gathered."""
+        from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
+
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nf4_lora_linear(x, self.quant_weight(), lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, bias)
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantLinear":
         storage = {id(p) for p in self.quant_parameters()}
 

@@ -6,6 +6,7 @@ Every global step trains one task (the schedule), with the same examples whateve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -98,10 +99,23 @@ def _tokens(batch: dict) -> int:
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("mask")))
 
 
+def write_partition_report(model, ctx: DistContext, path: Path) -> None:
+    """Per-rank element counts of the frozen and trainable partitions ZeRO-3 holds (``ds_tensor``)."""
+    local = {"frozen": 0, "trainable": 0, "frozen_total": 0, "trainable_total": 0}
+    for p in model.parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        local[kind] += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        local[kind + "_total"] += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    ranks = ctx.gather_objects(local)
+    if ctx.is_main:
+        path.write_text(json.dumps({"world_size": ctx.world, "ranks": ranks}, indent=2))
+
+
 def train(cfg: RunConfig) -> Path:
     import deepspeed
     from tqdm import tqdm
 
+    tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
     ctx = init_distributed()
     run_dir = Path(cfg.output.dir)
     if ctx.is_main:
@@ -109,11 +123,11 @@ def train(cfg: RunConfig) -> Path:
         dump_config(cfg, run_dir / "config.yaml")
     ds_config = build_ds_config(cfg, ctx.world)
     tok = load_tokenizer(cfg.model.name_or_path)
-    tasks = prepare_tasks(cfg)
     model = build_model(cfg, ds_config)
     optimizer, scheduler = _optimizer(model, cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config, dist_init_required=False)
+    write_partition_report(engine.module, ctx, run_dir / "partition.json")
     torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 7)  # dropout differs per rank, init did not
     schedule = make_schedule(cfg.sampler.kind, [len(t.train_set) for t in tasks], cfg.train.seed)
     log = RunLog(run_dir, ctx.is_main)

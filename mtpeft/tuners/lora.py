@@ -8,7 +8,9 @@ are passed to a fused kernel together with the base weight.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 import re
 from dataclasses import dataclass, field
 
@@ -55,10 +57,19 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self.base, "forward_with_lora", None)
-        if fused is not None and (isinstance(self.lora_dropout, nn.Identity) or not self.training):
-            return fused(x, self.lora_A, self.lora_B, self.scaling)
+        if fused is not None:
+            if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+                return fused(x, self.lora_A, self.lora_B, self.scaling)
+            _warn_dropout_unfused()
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.base(x) + delta * self.scaling
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_dropout_unfused() -> None:
+    warnings.warn("peft.dropout > 0: the fused NF4+LoRA kernel has no dropout, so LoRA layers on a 4-bit "
+                  "base run the unfused reference path while training; set peft.dropout: 0 to use the kernel",
+                  stacklevel=3)
 
 
 def _matches(name: str, targets: list) -> bool:
