@@ -125,7 +125,9 @@ def build_model(config_dict: Dict[str, Any], layers: int, device: torch.device, 
     embed.weight = nn.Parameter(torch.randn(embed.weight.shape, dtype=torch.bfloat16, device=device) * 0.02,
                                 requires_grad=False)
     head = model.get_output_embeddings()
-    if head is not None and head.weight.device.type == "meta":
+    if head is not None and arch.tied_lm_head:
+        head.weight = embed.weight
+    elif head is not None:
         head.weight = nn.Parameter(torch.randn(head.weight.shape, dtype=torch.bfloat16, device=device) * 0.02,
                                    requires_grad=False)
     _materialize(model, device)
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.checkpointing == "on":
         enable_checkpointing(model)
     model.train()
-    optimizer = torch.optim.AdamW(lora, lr=1e-4)
+    optimizer = torch.optim.AdamW(lora, lr=1e-4, fused=cuda)  # fused: no foreach temporaries
     vocab = arch.vocab_size
     ids = torch.randint(0, vocab, (args.micro_batch, args.seq), device=device)
 

@@ -54,7 +54,6 @@ GPU; the GPU keeps the gather buffers and activations. Host bytes are per node.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
