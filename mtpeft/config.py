@@ -38,6 +38,17 @@ class PeftConfig:
     target_modules: list = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # bottleneck adapters (serial_adapter, parallel_adapter)
+    bottleneck: int = 64
+    adapter_activation: str = "relu"
+    adapter_scaling: float = 1.0
+    # prompt tuning (virtual tokens) and prefix tuning (per-layer key/value prefixes)
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    prefix_hidden: int = 512
+    # IA3: which projections get a learned scale, and which of them scale their input (feed-forward)
+    ia3_target_modules: list = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    ia3_feedforward_modules: list = field(default_factory=lambda: ["down_proj"])
 
 
 @dataclass
@@ -55,11 +66,17 @@ class TaskConfig:
 @dataclass
 class SamplerConfig:
     kind: str = "round_robin"
+    temperature: float = 0.5  # p_i ∝ N_i^T for kind: temperature
 
 
 @dataclass
 class WeightingConfig:
     kind: str = "uniform"
+    weights: dict = field(default_factory=dict)  # task name -> weight, for kind: static
+    temperature: float = 2.0  # dwa
+    alpha: float = 1.5  # gradnorm
+    lr: float = 0.025  # learnable weights (softmax_learnable, uncertainty, famo, gradnorm)
+    gamma: float = 0.001  # famo's decay of its logits
 
 
 @dataclass
@@ -76,6 +93,10 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     retrieval_temperature: float = 0.05
+    transfer_every: int = 0  # gradient cosine between tasks every N steps (0: off)
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -108,9 +129,10 @@ class RunConfig:
 _CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "peft.method": ("lora",),
-    "sampler.kind": ("round_robin",),
-    "weighting.kind": ("uniform",),
+    "peft.method": ("lora", "serial_adapter", "parallel_adapter", "prefix", "prompt", "ia3", "mtl_lora"),
+    "peft.adapter_activation": ("relu", "gelu", "silu"),
+    "sampler.kind": ("round_robin", "proportional", "temperature"),
+    "weighting.kind": ("uniform", "static", "softmax_learnable", "uncertainty", "dwa", "famo", "gradnorm"),
 }
 _PATH_KEYS = ("train", "eval")
 
