@@ -1,7 +1,9 @@
 """nf4_lora_linear, Triton (interpreter) and torch paths, against float64 math on bitsandbytes' NF4.
 
-The oracle dequantizes with bitsandbytes (not mtpeft.quant), in the dtype the op computes in, and
-does the rest of the layer in float64 with autograd, so it shares no code with either path.
+Weights are quantized by bitsandbytes. The oracle decodes them from the documented layout with
+bitsandbytes' own code tables (not mtpeft.quant; and not bitsandbytes' CPU dequantize_4bit, which
+0.50.2 gets wrong for some widths, e.g. K=96), rounds to the dtype the op computes in, and does the
+rest of the layer in float64 with autograd, so it shares no code with either path.
 """
 
 import os
@@ -19,27 +21,43 @@ from mtpeft.quant.nf4_format import NF4Weight
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def bnb_nf4(weight: torch.Tensor, double_quant: bool):
-    """(NF4Weight, bitsandbytes' own dequantization in the weight's dtype)."""
-    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
-    q = NF4Weight(packed=packed.reshape(-1), absmax=state.absmax, shape=state.shape, dtype=state.dtype, blocksize=64)
+def oracle_dequant(packed: torch.Tensor, state) -> torch.Tensor:
+    """fp32 code[nibble] * absmax[block], rounded once to the weight's dtype (bitsandbytes' semantics)."""
+    numel = state.shape.numel()
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:numel].long()
+    absmax = state.absmax.float()
+    if state.nested:
+        scales = state.state2.absmax.float().repeat_interleave(state.state2.blocksize)[: absmax.numel()]
+        absmax = state.state2.code.float()[state.absmax.long()] * scales + state.offset.float()
+    per_element = absmax.repeat_interleave(state.blocksize)[:numel]
+    return (state.code.float()[nibbles] * per_element).reshape(state.shape).to(state.dtype)
+
+
+def bnb_nf4(weight: torch.Tensor, double_quant: bool, blocksize: int = 64):
+    """(NF4Weight, the oracle's dequantization in the weight's dtype)."""
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=blocksize,
+                                       compress_statistics=double_quant)
+    q = NF4Weight(packed=packed.reshape(-1), absmax=state.absmax, shape=state.shape, dtype=state.dtype,
+                  blocksize=blocksize)
     if double_quant:
         q.absmax_scale = state.state2.absmax
         q.absmax_code = state.state2.code
         q.absmax_offset = float(state.offset)
-    return q, bnbf.dequantize_4bit(packed, state)
+    return q, oracle_dequant(packed, state)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3, scaling=0.75):
+def run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3, scaling=0.75,
+             blocksize=64):
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     gen = torch.Generator().manual_seed(seed)
     k = x_shape[-1]
-    q, w_deq = bnb_nf4(torch.randn(n, k, generator=gen).to(dtype), double_quant)
+    q, w_deq = bnb_nf4(torch.randn(n, k, generator=gen).to(dtype), double_quant, blocksize)
     x = torch.randn(*x_shape, generator=gen).to(dtype).requires_grad_()
     lora = r > 0
     a = (torch.randn(r, k, generator=gen) / k**0.5).requires_grad_() if lora else None
@@ -100,6 +118,10 @@ def case_id(case) -> str:
 def test_forward_and_all_gradients_match_float64(monkeypatch, kernels, x_shape, n, r, dtype, double_quant,
                                                  with_bias, with_ia3):
     run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3)
+
+
+def test_other_blocksize(monkeypatch):
+    run_case(monkeypatch, "triton", (21, 96), 45, 3, torch.float32, True, True, False, blocksize=128)
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])

@@ -49,11 +49,25 @@ def _prune_by_m(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
-                absmax_offset, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """fp32 weight values at flat indices ``flat`` (0 where masked)."""
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+              rows, row_ok, k0, K, row_bytes, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+              DOUBLE_QUANT: tl.constexpr, PAIRED: tl.constexpr):
+    """fp32 ``W[rows, k0:k0+BLOCK_C]`` decoded in registers, 0 outside the matrix.
+
+    PAIRED (K even): every row starts on a byte, so the tile's bytes are read as one contiguous
+    (vectorizable) [rows, BLOCK_C/2] load and split into nibbles; otherwise each element fetches
+    its own byte by flat index."""
+    cols = k0 + tl.arange(0, BLOCK_C)
+    flat = rows[:, None] * K + cols[None, :]
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    if PAIRED:
+        pairs = k0 // 2 + tl.arange(0, BLOCK_C // 2)
+        byte = tl.load(packed_ptr + rows[:, None] * row_bytes + pairs[None, :],
+                       mask=row_ok[:, None] & (pairs < row_bytes)[None, :], other=0).to(tl.int32)
+        nibble = tl.interleave(byte >> 4, byte & 15)
+    else:
+        byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble)
     block = flat // BLOCKSIZE
     if DOUBLE_QUANT:
@@ -70,11 +84,11 @@ def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, a
 @triton.jit
 def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
                 packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                lora_scale, M, N, K, R, M_BUCKET,
+                lora_scale, M, N, K, R, M_BUCKET, row_bytes,
                 stride_xm, stride_xk, stride_am, stride_ar, stride_bn, stride_br, stride_ym, stride_yn,
                 HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IA3: tl.constexpr,
                 STORE_PRE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                PAIRED: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -97,10 +111,9 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
         k_ok = kk < K
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _nf4_decode(rn[None, :] * K + kk[:, None], k_ok[:, None] & n_ok[None, :],
-                        packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
-                        absmax_offset, BLOCKSIZE, DOUBLE_QUANT)
-        acc = dot(a, cast(w, dtype), acc, IEEE)
+        w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                      rn, n_ok, k0, K, row_bytes, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, PAIRED)
+        acc = dot(a, tl.trans(cast(w, dtype)), acc, IEEE)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
@@ -127,10 +140,10 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
 @triton.jit
 def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-               M, N, K, R, M_BUCKET,
+               M, N, K, R, M_BUCKET, row_bytes,
                stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
                HAS_LORA: tl.constexpr, HAS_IA3: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-               BLOCKSIZE: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCKSIZE: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dx[M, K] = (dy*ia3)[M, N] · deq(W)[N, K] + g[M, r] · A[r, K]; the tile grid runs over K, the
     reduction over N; BLOCK_N here is the reduction tile and BLOCK_K the output-column tile."""
@@ -157,9 +170,8 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_IA3:
             d = cast(d.to(tl.float32) * tl.load(ia3_ptr + nn, mask=n_ok, other=0.0).to(tl.float32)[None, :], dtype)
-        w = _nf4_decode(nn[:, None] * K + rk[None, :], n_ok[:, None] & k_ok[None, :],
-                        packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr,
-                        absmax_offset, BLOCKSIZE, DOUBLE_QUANT)
+        w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                      nn, n_ok, pid_k * BLOCK_N, K, row_bytes, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, PAIRED)
         acc = dot(d, cast(w, dtype), acc, IEEE)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
@@ -235,19 +247,21 @@ class NF4LoRALinearFunction(torch.autograd.Function):
             _fwd_kernel[grid](
                 x2, xa if has_lora else x2, b_cast if has_lora else x2, y, ypre,
                 bias if bias is not None else y, ia3 if ia3 is not None else y, *qargs,
-                scaling, m, n, k, r, _m_bucket(m),
+                scaling, m, n, k, r, _m_bucket(m), k // 2,
                 x2.stride(0), x2.stride(1),
                 xa.stride(0) if has_lora else 0, xa.stride(1) if has_lora else 0,
                 b_cast.stride(0) if has_lora else 0, b_cast.stride(1) if has_lora else 0,
                 y.stride(0), y.stride(1),
                 HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_IA3=ia3 is not None,
-                STORE_PRE=store_pre, DOUBLE_QUANT=qweight.double_quant, BLOCKSIZE=qweight.blocksize,
+                STORE_PRE=store_pre, DOUBLE_QUANT=qweight.double_quant, BLOCKSIZE=qweight.blocksize, PAIRED=k % 2 == 0,
                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r),
             )
         ctx.qweight, ctx.scaling, ctx.lead, ctx.has_lora = qweight, scaling, lead, has_lora
         ctx.dtypes = (lora_A.dtype if has_lora else None, lora_B.dtype if has_lora else None,
                       bias.dtype if bias is not None else None, ia3.dtype if ia3 is not None else None)
-        ctx.save_for_backward(x2 if has_lora else None, xa, lora_A, lora_B, ia3, ypre if store_pre else None)
+        need_a, need_b = ctx.needs_input_grad[1:3]
+        ctx.save_for_backward(x2 if has_lora and need_a else None, xa if need_b else None, lora_A, lora_B, ia3,
+                              ypre if store_pre else None)
         return y.reshape(*lead, n)
 
     @staticmethod
@@ -290,13 +304,13 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 _dx_kernel[grid](
                     dy2, g_scaled if ctx.has_lora else dy2, a_cast if ctx.has_lora else dy2, dx,
                     ia3 if ia3 is not None else dy2, *qargs,
-                    m, n, k, r, _m_bucket(m),
+                    m, n, k, r, _m_bucket(m), k // 2,
                     dy2.stride(0), dy2.stride(1),
                     g_scaled.stride(0) if ctx.has_lora else 0, g_scaled.stride(1) if ctx.has_lora else 0,
                     a_cast.stride(0) if ctx.has_lora else 0, a_cast.stride(1) if ctx.has_lora else 0,
                     dx.stride(0), dx.stride(1),
                     HAS_LORA=ctx.has_lora, HAS_IA3=ia3 is not None, DOUBLE_QUANT=q.double_quant,
-                    BLOCKSIZE=q.blocksize, IEEE=dtype == torch.float32, BLOCK_R=_block_r(r),
+                    BLOCKSIZE=q.blocksize, PAIRED=k % 2 == 0, IEEE=dtype == torch.float32, BLOCK_R=_block_r(r),
                 )
             dx = dx.reshape(*ctx.lead, k)
         return dx, d_a, d_b, d_bias, d_ia3, None, None
