@@ -275,9 +275,33 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         raise ConfigError(f"{source}: peft.r must be positive, got {cfg.peft.r}")
     if not 0.0 <= cfg.peft.dropout < 1.0:
         raise ConfigError(f"{source}: peft.dropout must be in [0, 1), got {cfg.peft.dropout}")
+    _validate_peft(cfg.peft, source)
     out = Path(cfg.output.dir)
     if not out.is_absolute():
         cfg.output.dir = str((Path.cwd() / out).resolve())
+
+
+def _validate_peft(p: PeftConfig, source: str) -> None:
+    """The method-specific peft keys; which of them a method reads is the tuner registry's business."""
+    for key in ("bottleneck", "num_virtual_tokens", "prefix_hidden"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"{source}: peft.{key} must be positive, got {getattr(p, key)}")
+    if not p.alpha > 0:
+        raise ConfigError(f"{source}: peft.alpha must be positive, got {p.alpha}")
+    if p.adapter_scaling != p.adapter_scaling or abs(p.adapter_scaling) == float("inf"):
+        raise ConfigError(f"{source}: peft.adapter_scaling must be a finite number, got {p.adapter_scaling}")
+    for key in ("target_modules", "ia3_target_modules", "ia3_feedforward_modules"):
+        names = getattr(p, key)
+        if not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"{source}: peft.{key} must be a list of module names, got {names!r}")
+    if not p.target_modules:
+        raise ConfigError(f"{source}: peft.target_modules is empty; list projections such as q_proj, v_proj")
+    if not p.ia3_target_modules:
+        raise ConfigError(f"{source}: peft.ia3_target_modules is empty; list projections such as k_proj, v_proj")
+    stray = [n for n in p.ia3_feedforward_modules if n not in p.ia3_target_modules]
+    if stray:
+        raise ConfigError(f"{source}: peft.ia3_feedforward_modules {stray} are not in peft.ia3_target_modules; "
+                          f"add them there or drop them")
 
 
 def _looks_like_hub_id(value: str) -> bool:

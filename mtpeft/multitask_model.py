@@ -2,43 +2,78 @@
 
 Every task reads the same backbone; only the head differs. Classification and retrieval pool the
 backbone's last hidden states (mean over real tokens); generation reads the LM head directly.
+Methods that rewrite the backbone's inputs (prompt, prefix) do it through ``input_module``; methods
+whose weights depend on the task (mtl_lora) read the task set by ``set_task``, which every public
+entry point calls first, so the same task reaches every layer on every rank.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
+from mtpeft.errors import ConfigError
 from mtpeft.tasks.heads import make_head, mean_pool
 
 
 class MultitaskModel(nn.Module):
-    def __init__(self, backbone: nn.Module, tasks: list, hidden: int):
+    def __init__(self, backbone: nn.Module, tasks: list, hidden: int, input_module: Optional[nn.Module] = None,
+                 selector=None, is_encoder: bool = False):
         super().__init__()
         self.backbone = backbone
+        self.input_module = input_module
+        self.is_encoder = is_encoder
+        self.selector = selector
         heads = {}
         for t in tasks:
             head = make_head(t.kind, hidden, t.head_dropout)
             if head is not None:
                 heads[t.name] = head
         self.heads = nn.ModuleDict(heads)
+        self.generation_tasks = [t.name for t in tasks if t.kind == "generate"]
+
+    def set_task(self, task: Optional[str]) -> None:
+        """Select the task whose per-task tuner weights the next forward uses (no-op for shared-only methods)."""
+        if self.selector is not None:
+            self.selector.set(task)
 
     def encoder(self) -> nn.Module:
         return self.backbone.base_model
 
+    def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, int]:
+        """Keyword arguments for the backbone, and how many virtual positions lead its outputs."""
+        if self.input_module is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+        kwargs = self.input_module(input_ids, attention_mask, self.backbone.get_input_embeddings(),
+                                   not self.is_encoder)
+        return kwargs, self.input_module.virtual
+
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        kwargs, virtual = self.backbone_inputs(input_ids, attention_mask)
+        hidden = self.encoder()(**kwargs).last_hidden_state[:, virtual:]
         return mean_pool(hidden, attention_mask)
 
     def classify(self, task: str, input_ids, attention_mask) -> torch.Tensor:
+        self.set_task(task)
         return self.heads[task](self.pooled(input_ids, attention_mask))
 
     def embed(self, task: str, input_ids, attention_mask) -> torch.Tensor:
+        self.set_task(task)
         return self.heads[task](self.pooled(input_ids, attention_mask))
 
-    def lm_logits(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits
+    def lm_logits(self, input_ids, attention_mask, task: Optional[str] = None) -> torch.Tensor:
+        """Logits over the real positions; ``task`` defaults to the only generation task, if one."""
+        if self.is_encoder:
+            raise ConfigError("generation tasks need a decoder backbone (a causal LM); this backbone is an encoder")
+        if task is None and len(self.generation_tasks) == 1:
+            task = self.generation_tasks[0]
+        self.set_task(task)
+        kwargs, virtual = self.backbone_inputs(input_ids, attention_mask)
+        return self.backbone(**kwargs).logits[:, virtual:]
 
     def forward(self, kind, task: str, batch: dict, ctx) -> torch.Tensor:
         """One task's loss on one micro-batch; ``kind`` is that task's kind object."""
+        self.set_task(task)
         return kind.loss(self, task, batch, ctx)

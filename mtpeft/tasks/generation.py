@@ -44,7 +44,7 @@ class Generate:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, task: str, batch: dict, ctx) -> torch.Tensor:
-        logits = model.lm_logits(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+        logits = model.lm_logits(batch["input_ids"], batch["attention_mask"], task=task)[:, :-1].float()
         labels = batch["labels"][:, 1:]
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                     ignore_index=-100, reduction="none").view(labels.shape)
@@ -56,21 +56,49 @@ class Generate:
         return ids[-(max_len - self.max_new_tokens):] if len(ids) > max_len - self.max_new_tokens else ids
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[list[int]], tok, synced: bool) -> list[str]:
-        """Greedy decoding; ``synced`` keeps every ZeRO-3 rank stepping until all are done."""
+    def generate(self, model, prompts: list[list[int]], tok, synced: bool, task: str | None = None) -> list[str]:
+        """Greedy decoding; ``synced`` keeps every ZeRO-3 rank stepping until all are done.
+
+        Tuners that rewrite the inputs (prompt, prefix) decode through ``model.lm_logits`` so the virtual
+        tokens are in every step; the others use the backbone's cached ``generate``."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: new tokens line up at the right edge
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        out = model.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id, synced_gpus=synced)
-        return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        if getattr(model, "input_module", None) is not None:
+            new = self._greedy(model, ids, mask, tok, synced, task)
+        else:
+            if hasattr(model, "set_task"):
+                model.set_task(task if task is not None else _only(model.generation_tasks))
+            out = model.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                          do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
+                                          eos_token_id=tok.eos_token_id, synced_gpus=synced)
+            new = out[:, width:]
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def _greedy(self, model, ids, mask, tok, synced: bool, task: str | None) -> torch.Tensor:
+        """Uncached greedy decoding (each step re-reads the whole sequence): O(n²), for eval only."""
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        new = []
+        for _ in range(self.max_new_tokens):
+            nxt = model.lm_logits(ids, mask, task=task)[:, -1].argmax(-1).cpu()
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+            new.append(nxt)
+            done |= nxt == tok.eos_token_id
+            ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if done.all() and not synced:
+                break
+        return torch.stack(new, dim=1)
 
     def score(self, preds: list, examples: list[dict]) -> dict:
         refs = [e["target"] for e in examples]
         empty = [""] * len(refs)
         return {"metric": self.metric, "value": exact_match(preds, refs), "chance": exact_match(empty, refs),
                 "bleu": bleu(preds, refs), "chance_bleu": bleu(empty, refs)}
+
+
+def _only(names: list[str]) -> str | None:
+    return names[0] if len(names) == 1 else None

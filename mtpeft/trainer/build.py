@@ -1,7 +1,11 @@
-"""Assemble what a run trains: tokenizer, frozen backbone (optionally NF4), shared LoRA, task heads.
+"""Assemble what a run trains: tokenizer, frozen backbone (optionally NF4), the shared PEFT module of
+``peft.method`` (asked of the tuner registry; nothing here knows one method from another), task heads.
+
+Decoder backbones load as a causal LM; encoder backbones (RoBERTa-style, T5 encoder) through
+``AutoModel`` / ``T5EncoderModel``, without an LM head, so generation tasks are refused for them.
 
 The bf16/fp32 base is loaded through transformers' ZeRO-3 path (``HfDeepSpeedConfig`` makes
-``from_pretrained`` build under ``deepspeed.zero.Init`` and load each rank's partition); the LoRA and
+``from_pretrained`` build under ``deepspeed.zero.Init`` and load each rank's partition); the tuner and
 the heads are created under ``zero.Init`` too. All ranks seed identically before creating anything,
 so initial weights do not depend on the world size.
 """
@@ -12,12 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from mtpeft.config import RunConfig
 from mtpeft.errors import ConfigError
 from mtpeft.multitask_model import MultitaskModel
-from mtpeft.tuners.lora import LoraSettings, inject_lora
+from mtpeft.tuners.family import T5_TYPES, is_encoder
+from mtpeft.tuners.registry import make_tuner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,8 +49,10 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must be alive during from_pretrained)
     try:
-        AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        config = AutoConfig.from_pretrained(path)
+        _check_kinds(cfg, config)
+        make_tuner(cfg.peft, []).check(config, cfg.model.gradient_checkpointing)
+        model = _auto_class(config).from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0][:160]})") from None
     del keep_alive
@@ -56,19 +63,48 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
     return model
 
 
+def _auto_class(config):
+    if not is_encoder(config):
+        return AutoModelForCausalLM
+    if config.model_type in T5_TYPES:
+        from transformers import T5EncoderModel
+
+        return T5EncoderModel
+    return AutoModel
+
+
+def _check_kinds(cfg: RunConfig, config) -> None:
+    if is_encoder(config):
+        for i, t in enumerate(cfg.tasks):
+            if t.kind == "generate":
+                raise ConfigError(f"tasks[{i}] ({t.name}): kind generate needs a decoder (causal LM) backbone, but "
+                                  f"model.name_or_path is a {config.model_type} encoder; drop the task or use a decoder")
+
+
+def hidden_size(config) -> int:
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
 def build_model(cfg: RunConfig, ds_config: dict | None = None) -> MultitaskModel:
     """The MultitaskModel of ``cfg``; with ``ds_config`` (ZeRO-3) new parameters are partitioned at birth."""
     torch.manual_seed(cfg.train.seed)
     backbone = _load_backbone(cfg, ds_config)
+    return assemble(backbone, cfg, ds_config)
+
+
+def assemble(backbone, cfg: RunConfig, ds_config: dict | None = None) -> MultitaskModel:
+    """Freeze ``backbone``, inject the tuner of ``cfg.peft`` and add the task heads."""
     backbone.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    settings = LoraSettings(r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
-                            target_modules=list(cfg.peft.target_modules))
+    tuner = make_tuner(cfg.peft, [t.name for t in cfg.tasks])
+    tuner.check(backbone.config, cfg.model.gradient_checkpointing)
     torch.manual_seed(cfg.train.seed + 1)
     with _zero_init(ds_config):
-        inject_lora(backbone, settings)
-        model = MultitaskModel(backbone, cfg.tasks, backbone.config.hidden_size)
+        input_module = tuner.inject(backbone)
+        model = MultitaskModel(backbone, cfg.tasks, hidden_size(backbone.config), input_module=input_module,
+                               selector=tuner.selector, is_encoder=is_encoder(backbone.config))
+    model.tuner = tuner
     if DTYPES[cfg.model.dtype] != torch.float32:
         model.heads.to(DTYPES[cfg.model.dtype])
     return model

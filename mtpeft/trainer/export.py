@@ -1,4 +1,19 @@
-"""Export the shared adapter (HF peft format) and the task heads, and load them back.
+"""Export the shared PEFT module and the task heads, and load them back.
+
+Layout of an export folder:
+  adapter_model.safetensors  the tuner's tensors. For lora, ia3, prompt and prefix these are HF peft's
+                             key names and ``adapter_config.json`` (peft's own config class) sits beside
+                             them, so ``PeftModel.from_pretrained(base, DIR)`` loads the folder.
+                             serial_adapter, parallel_adapter and mtl_lora have no HF peft counterpart:
+                             their keys are the backbone module path + parameter name
+                             (``<path>.adapter_down [b, in]``, ``.adapter_down_bias [b]``,
+                             ``.adapter_up [out, b]``, ``.adapter_up_bias [out]``;
+                             ``<path>.lora_A [r, in]``, ``.lora_B [out, r]``, ``.lora_T [tasks, r]``
+                             with rows in ``peft.task_order``) and no adapter_config.json is written.
+  heads.safetensors          ``<task>.<head parameter>`` for every task with a head.
+  tasks.json                 the manifest: base model, quantization, ``peft`` (method, ``format``:
+                             hf_peft | mtpeft, the method's settings, ``tensors``: key → shape) and
+                             per task its kind, format, head class and head tensor names.
 
 Under ZeRO-3 each rank holds a slice of every trainable tensor, so the tensors are gathered
 explicitly before rank 0 writes them (a consolidated 16-bit state dict would drop the 4-bit quant
@@ -8,7 +23,6 @@ and renamed into place, so an interrupted export never replaces a good one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -19,18 +33,12 @@ from safetensors.torch import load_file, save_file
 from mtpeft.config import RunConfig
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError
-from mtpeft.tuners.lora import peft_state_dict
+from mtpeft.tuners.base import check_keys
+from mtpeft.tuners.gather import gathered
 
 ADAPTER_FILE = "adapter_model.safetensors"
 HEADS_FILE = "heads.safetensors"
-
-
-def _gathered(params: list):
-    if params and hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+MANIFEST_FILE = "tasks.json"
 
 
 def _head_params(model) -> dict:
@@ -38,22 +46,24 @@ def _head_params(model) -> dict:
 
 
 def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | None:
-    """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``heads.safetensors``, ``tasks.json``."""
-    lora = peft_state_dict(model.backbone)
+    """Write the adapter, ``heads.safetensors`` and ``tasks.json`` (+ ``adapter_config.json`` for HF peft methods)."""
+    tuner = model.tuner
     heads = _head_params(model)
-    with _gathered(list(lora.values()) + list(heads.values())):
+    with gathered(list(tuner.named_tensors(model).values()) + list(heads.values())):
         if not ctx.is_main:
             return None
-        lora_t = {k: p.detach().cpu().clone().contiguous() for k, p in lora.items()}
+        adapter_t = tuner.export_tensors(model)
         heads_t = {k: p.detach().cpu().clone().contiguous() for k, p in heads.items()}
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _adapter_config(cfg).save_pretrained(str(tmp))
-    save_file(lora_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+    peft_cfg = tuner.peft_config(model, cfg.model.name_or_path)
+    if peft_cfg is not None:
+        peft_cfg.save_pretrained(str(tmp))
+    save_file(adapter_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
     save_file(heads_t, str(tmp / HEADS_FILE), metadata={"format": "pt"})
-    (tmp / "tasks.json").write_text(json.dumps(_manifest(cfg, model), indent=2))
+    (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(cfg, model, adapter_t), indent=2))
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -63,24 +73,15 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | Non
     return out_dir
 
 
-def _adapter_config(cfg: RunConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-                      target_modules=list(cfg.peft.target_modules), bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=cfg.model.name_or_path)
-
-
-def _manifest(cfg: RunConfig, model) -> dict:
+def _manifest(cfg: RunConfig, model, adapter: dict) -> dict:
     tasks = []
     for t in cfg.tasks:
         head = model.heads[t.name] if t.name in model.heads else None
         tasks.append({"name": t.name, "kind": t.kind, "format": t.format,
                       "head": type(head).__name__ if head is not None else "lm_head",
                       "head_tensors": sorted(k for k in _head_params(model) if k.startswith(t.name + "."))})
-    return {"base_model_name_or_path": cfg.model.name_or_path, "quant": cfg.model.quant,
-            "peft": {"method": cfg.peft.method, "r": cfg.peft.r, "alpha": cfg.peft.alpha,
-                     "target_modules": list(cfg.peft.target_modules)},
+    peft = {**model.tuner.manifest(), "tensors": {k: list(v.shape) for k, v in sorted(adapter.items())}}
+    return {"base_model_name_or_path": cfg.model.name_or_path, "quant": cfg.model.quant, "peft": peft,
             "adapter_file": ADAPTER_FILE, "heads_file": HEADS_FILE, "tasks": tasks}
 
 
@@ -90,13 +91,16 @@ def load_export(model, export_dir: Path) -> None:
     for name in (ADAPTER_FILE, HEADS_FILE):
         if not (export_dir / name).is_file():
             raise CheckpointError(f"{export_dir / name}: missing; re-run `mtpeft export RUN_DIR --out DIR`")
-    targets = {**peft_state_dict(model.backbone), **_head_params(model)}
-    loaded = {**load_file(str(export_dir / ADAPTER_FILE)), **load_file(str(export_dir / HEADS_FILE))}
-    missing = sorted(set(targets) - set(loaded))
-    extra = sorted(set(loaded) - set(targets))
-    if missing or extra:
-        raise CheckpointError(f"{export_dir}: export does not match this config "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    manifest = export_dir / MANIFEST_FILE
+    if manifest.is_file():
+        method = json.loads(manifest.read_text()).get("peft", {}).get("method")
+        if method and method != model.tuner.name:
+            raise CheckpointError(f"{manifest}: the export is peft.method {method}, this config builds "
+                                  f"{model.tuner.name}; set peft.method: {method}")
+    model.tuner.load_tensors(model, load_file(str(export_dir / ADAPTER_FILE)), str(export_dir))
+    heads = _head_params(model)
+    loaded = load_file(str(export_dir / HEADS_FILE))
+    check_keys(heads, loaded, str(export_dir))
     with torch.no_grad():
-        for key, param in targets.items():
+        for key, param in heads.items():
             param.copy_(loaded[key].to(param.dtype))

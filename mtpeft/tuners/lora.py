@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtpeft.errors import ConfigError
+from mtpeft.tuners.base import Tuner, peft_task_type
+from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
 
 
 @dataclass
@@ -72,27 +72,12 @@ def _warn_dropout_unfused() -> None:
                   stacklevel=3)
 
 
-def _matches(name: str, targets: list) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(leaf == t or re.fullmatch(t, name) for t in targets)
-
-
-def inject_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
+def inject_lora(model: nn.Module, settings: LoraSettings, key: str = "peft.target_modules") -> list[str]:
     """Wrap every targeted linear of ``model`` in place; returns the wrapped module paths."""
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if not name or not _matches(name, settings.target_modules):
-            continue
-        if not hasattr(module, "in_features") or isinstance(module, LoraLinear):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(module, settings.r, settings.alpha, settings.dropout))
-        wrapped.append(name)
-    if not wrapped:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"peft.target_modules {settings.target_modules} matched no linear layer; "
-                          f"this model has: {', '.join(leaves)}")
+    wrapped = find_linears(model, settings.target_modules, key, skip=(LoraLinear,))
+    for name in wrapped:
+        replace_module(model, name, LoraLinear(model.get_submodule(name), settings.r, settings.alpha,
+                                               settings.dropout))
     return wrapped
 
 
@@ -109,3 +94,26 @@ def peft_state_dict(model: nn.Module, prefix: str = "base_model.model.") -> dict
         out[f"{prefix}{name}.lora_A.weight"] = module.lora_A
         out[f"{prefix}{name}.lora_B.weight"] = module.lora_B
     return out
+
+
+class LoraTuner(Tuner):
+    """Shared LoRA on the attention and MLP projections (r=16, α=32, dropout 0.05 by default)."""
+
+    name = "lora"
+    hf_peft = True
+
+    def inject(self, backbone: nn.Module) -> None:
+        chosen = find_linears(backbone, self.settings.target_modules, "peft.target_modules", skip=(LoraLinear,))
+        self.peft_targets = peft_target_names(backbone, chosen)
+        inject_lora(backbone, self.settings)
+        return None
+
+    def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return peft_state_dict(model.backbone)
+
+    def peft_config(self, model: nn.Module, base_model_name_or_path: str):
+        from peft import LoraConfig
+
+        s = self.settings
+        return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=self.peft_targets,
+                          bias="none", task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path)

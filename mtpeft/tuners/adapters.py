@@ -1,0 +1,128 @@
+"""Bottleneck adapters shared by all tasks: serial (Houlsby) and parallel (He et al.).
+
+Serial: after the attention output projection and after the feed-forward output projection of every
+layer, ``h ← h + s·up(act(down(h)))``. Parallel: beside each feed-forward block,
+``mlp_out ← mlp(x) + s·up(act(down(x)))`` with x the block's input. The up-projection starts at zero,
+so both start as the identity. Every adapter runs through ``mtpeft.kernels.bottleneck_adapter``
+(Triton on CUDA, the torch reference on CPU). HF peft has no bottleneck adapter: the export is
+mtpeft's own (adapter_model.safetensors with the names below + the manifest in tasks.json).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mtpeft.kernels.bottleneck_adapter import bottleneck_adapter
+from mtpeft.kernels.bottleneck_adapter_reference import check_activation
+from mtpeft.tuners.base import Tuner
+from mtpeft.tuners.family import ffn_blocks, find_linears, model_type, replace_module, FFN_BLOCKS
+
+SERIAL_TARGETS = ["o_proj", "down_proj"]
+
+
+@dataclass
+class AdapterSettings:
+    bottleneck: int = 64
+    activation: str = "relu"
+    scaling: float = 1.0
+
+
+class BottleneckParams(nn.Module):
+    """``down [b, width_in]`` (Kaiming, as nn.Linear), ``up [width_out, b]`` and both biases at zero.
+
+    Direct parameters of the wrapping module, so ZeRO-3 gathers them when its forward runs."""
+
+    def _init_adapter(self, width_in: int, width_out: int, s: AdapterSettings) -> None:
+        self.activation, self.scaling = check_activation(s.activation), s.scaling
+        self.adapter_down = nn.Parameter(torch.empty(s.bottleneck, width_in))
+        self.adapter_down_bias = nn.Parameter(torch.zeros(s.bottleneck))
+        self.adapter_up = nn.Parameter(torch.zeros(width_out, s.bottleneck))
+        self.adapter_up_bias = nn.Parameter(torch.zeros(width_out))
+        nn.init.kaiming_uniform_(self.adapter_down, a=math.sqrt(5))
+
+    def _adapt(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        dt = h.dtype
+        return bottleneck_adapter(h, self.adapter_down.to(dt), self.adapter_down_bias.to(dt), self.adapter_up.to(dt),
+                                  self.adapter_up_bias.to(dt), self.activation, self.scaling, residual)
+
+
+class SerialAdapterLinear(BottleneckParams):
+    """A frozen output projection followed by a serial adapter on its output."""
+
+    def __init__(self, base: nn.Module, s: AdapterSettings):
+        super().__init__()
+        self.base = base
+        self._init_adapter(base.out_features, base.out_features, s)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapt(self.base(x))
+
+
+class ParallelAdapterBlock(BottleneckParams):
+    """A feed-forward block ``y = block(x)`` with a bottleneck branch from its input to its output."""
+
+    def __init__(self, block: nn.Module, width: int, s: AdapterSettings):
+        super().__init__()
+        self.block = block
+        self._init_adapter(width, width, s)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._adapt(x, residual=self.block(x, *args, **kwargs))
+
+
+class ParallelAdapterBertOutput(BottleneckParams):
+    """BERT-style ``output`` (dense → dropout → LayerNorm(· + input)): the branch from the feed-forward
+    input (``input_tensor``) joins the dense output before the residual and LayerNorm."""
+
+    def __init__(self, output: nn.Module, width: int, s: AdapterSettings):
+        super().__init__()
+        self.block = output
+        self._init_adapter(width, width, s)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        h = self._adapt(input_tensor, residual=self.block.dense(hidden_states))
+        return self.block.LayerNorm(self.block.dropout(h) + input_tensor)
+
+
+def _width(backbone: nn.Module) -> int:
+    cfg = backbone.config
+    return getattr(cfg, "hidden_size", None) or cfg.d_model
+
+
+class AdapterTuner(Tuner):
+    def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {f"{name}.{p}": getattr(m, p) for name, m in model.backbone.named_modules()
+                if isinstance(m, BottleneckParams)
+                for p in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")}
+
+
+class SerialAdapterTuner(AdapterTuner):
+    name = "serial_adapter"
+
+    def inject(self, backbone: nn.Module) -> None:
+        for name in find_linears(backbone, SERIAL_TARGETS, "serial_adapter targets", skip=(SerialAdapterLinear,)):
+            replace_module(backbone, name, SerialAdapterLinear(backbone.get_submodule(name), self.settings))
+        return None
+
+
+class ParallelAdapterTuner(AdapterTuner):
+    name = "parallel_adapter"
+
+    def inject(self, backbone: nn.Module) -> None:
+        bert_style = model_type(backbone) in FFN_BLOCKS and "output" in FFN_BLOCKS[model_type(backbone)]
+        wrapper = ParallelAdapterBertOutput if bert_style else ParallelAdapterBlock
+        for name in ffn_blocks(backbone):
+            replace_module(backbone, name, wrapper(backbone.get_submodule(name), _width(backbone), self.settings))
+        return None

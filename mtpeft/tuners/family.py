@@ -1,0 +1,103 @@
+"""Where each tuner attaches in a backbone family, in one vocabulary.
+
+Users name target projections the Llama way (``q_proj`` … ``down_proj``). A RoBERTa-style encoder
+(UniXcoder) calls them ``query`` … ``output.dense`` and a T5 encoder (CodeT5+) ``q`` … ``wo``; a
+name that matches nothing literally is looked up here, so one config works on every family.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from mtpeft.errors import ConfigError
+
+ENCODER_TYPES = ("roberta", "bert", "xlm-roberta", "camembert", "electra", "t5", "mt5", "umt5")
+T5_TYPES = ("t5", "mt5", "umt5")
+
+_BERT_ROLES = {
+    "q_proj": r".*attention\.self\.query", "k_proj": r".*attention\.self\.key",
+    "v_proj": r".*attention\.self\.value", "o_proj": r".*attention\.output\.dense",
+    "up_proj": r".*intermediate\.dense", "down_proj": r".*layer\.\d+\.output\.dense",
+}
+_T5_ROLES = {
+    "q_proj": r".*SelfAttention\.q", "k_proj": r".*SelfAttention\.k", "v_proj": r".*SelfAttention\.v",
+    "o_proj": r".*SelfAttention\.o", "gate_proj": r".*DenseReluDense\.wi_0",
+    "up_proj": r".*DenseReluDense\.(wi|wi_1)", "down_proj": r".*DenseReluDense\.wo",
+}
+ROLE_ALIASES = {"roberta": _BERT_ROLES, "bert": _BERT_ROLES, "xlm-roberta": _BERT_ROLES, "camembert": _BERT_ROLES,
+                "electra": _BERT_ROLES, "t5": _T5_ROLES, "mt5": _T5_ROLES, "umt5": _T5_ROLES}
+
+# The feed-forward block of each layer, for the parallel adapter: ``block(x)`` returns the MLP output.
+# BERT-style layers fold the residual and LayerNorm into ``output``, so they get their own wrapper.
+FFN_BLOCKS = {"t5": r".*DenseReluDense", "mt5": r".*DenseReluDense", "umt5": r".*DenseReluDense",
+              "roberta": r".*layer\.\d+\.output", "bert": r".*layer\.\d+\.output",
+              "xlm-roberta": r".*layer\.\d+\.output", "camembert": r".*layer\.\d+\.output",
+              "electra": r".*layer\.\d+\.output"}
+DECODER_FFN_BLOCK = r".*layers\.\d+\.mlp"
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "")
+
+
+def is_encoder(config) -> bool:
+    """Encoder-only backbones are loaded with ``AutoModel`` (no LM head) and cannot generate."""
+    return getattr(config, "model_type", "") in ENCODER_TYPES
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def _name_matches(name: str, target: str) -> bool:
+    return name.rsplit(".", 1)[-1] == target or re.fullmatch(target, name) is not None
+
+
+def find_linears(model: nn.Module, targets: list, key: str, skip=()) -> list[str]:
+    """Paths of the linear layers that ``targets`` name, literally or through the family's aliases."""
+    linears = {n: m for n, m in model.named_modules() if n and _linear_like(m) and not isinstance(m, skip)}
+    aliases = ROLE_ALIASES.get(model_type(model), {})
+    found: set[str] = set()
+    for target in targets:
+        hits = {n for n in linears if _name_matches(n, target)}
+        if not hits and target in aliases:
+            hits = {n for n in linears if re.fullmatch(aliases[target], n)}
+        found |= hits
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ConfigError(f"{key} {list(targets)} matched no linear layer of this {model_type(model) or 'model'}; "
+                          f"it has: {', '.join(leaves)}")
+    return sorted(found, key=_natural)
+
+
+def ffn_blocks(model: nn.Module) -> list[str]:
+    pattern = FFN_BLOCKS.get(model_type(model), DECODER_FFN_BLOCK)
+    names = [n for n, _ in model.named_modules() if n and re.fullmatch(pattern, n)]
+    if not names:
+        raise ConfigError(f"peft.method parallel_adapter: no feed-forward block found in this "
+                          f"{model_type(model) or 'model'} (looked for {pattern})")
+    return names
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def peft_target_names(model: nn.Module, chosen: list[str]) -> list[str]:
+    """Before wrapping: leaf names where every linear with that leaf is chosen (as HF peft configs
+    read them), else the full paths of the chosen ones."""
+    all_linears = [n for n, m in model.named_modules() if n and _linear_like(m)]
+    out = []
+    for leaf in sorted({c.rsplit(".", 1)[-1] for c in chosen}):
+        with_leaf = [n for n in all_linears if n.rsplit(".", 1)[-1] == leaf]
+        mine = [c for c in chosen if c.rsplit(".", 1)[-1] == leaf]
+        out.extend([leaf] if len(with_leaf) == len(mine) else mine)
+    return out
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,79 @@
+"""IA3 shared by all tasks: learned scaling vectors (init 1) on chosen projections.
+
+HF peft's semantics: a projection listed in ``feedforward_modules`` scales its *input*
+(``y = W(x ⊙ l)``), any other target scales its *output* (``y = (Wx + b) ⊙ l``). The default targets
+are ``k_proj``, ``v_proj`` (output) and ``down_proj`` (input), as in the IA3 paper. On a 4-bit base the
+output scale runs inside the fused NF4 GEMM's epilogue (``nf4_lora_linear(..., ia3=l)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from mtpeft.tuners.base import Tuner, peft_task_type
+from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
+
+
+@dataclass
+class IA3Settings:
+    target_modules: list = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward_modules: list = field(default_factory=lambda: ["down_proj"])
+
+
+class IA3Linear(nn.Module):
+    """``ia3_l`` has HF peft's shape: ``[1, in]`` for an input scale, ``[out, 1]`` for an output scale."""
+
+    def __init__(self, base: nn.Module, feedforward: bool):
+        super().__init__()
+        self.base = base
+        self.feedforward = feedforward
+        shape = (1, base.in_features) if feedforward else (base.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.ia3_l.flatten().to(x.dtype)
+        if self.feedforward:
+            return self.base(x * scale)
+        if hasattr(self.base, "forward_with_lora"):  # 4-bit base: the scale rides in the fused kernel
+            from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
+
+            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+            return nf4_lora_linear(x, self.base.quant_weight(), None, None, 1.0, bias, ia3=scale)
+        return self.base(x) * scale
+
+
+class IA3Tuner(Tuner):
+    name = "ia3"
+    hf_peft = True
+
+    def inject(self, backbone: nn.Module) -> None:
+        s: IA3Settings = self.settings
+        chosen = find_linears(backbone, s.target_modules, "peft.ia3_target_modules", skip=(IA3Linear,))
+        ff = set(find_linears(backbone, s.feedforward_modules, "peft.ia3_feedforward_modules")
+                 if s.feedforward_modules else []) & set(chosen)
+        self.peft_targets = peft_target_names(backbone, chosen)
+        self.peft_feedforward = peft_target_names(backbone, sorted(ff)) if ff else []
+        for name in chosen:
+            replace_module(backbone, name, IA3Linear(backbone.get_submodule(name), name in ff))
+        return None
+
+    def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {f"base_model.model.{name}.ia3_l": m.ia3_l for name, m in model.backbone.named_modules()
+                if isinstance(m, IA3Linear)}
+
+    def peft_config(self, model: nn.Module, base_model_name_or_path: str):
+        from peft import IA3Config
+
+        return IA3Config(target_modules=self.peft_targets, feedforward_modules=self.peft_feedforward,
+                         task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path)

@@ -1,0 +1,130 @@
+"""Prefix tuning shared by all tasks: learned keys and values prepended in every attention layer
+(Li & Liang; P-tuning v2), optionally re-parameterised by an MLP (``prefix_projection``).
+
+The prefix reaches the backbone as ``past_key_values``: a transformers ``DynamicCache`` filled with
+one (key, value) pair per layer, with the attention mask extended by ones, so Llama, Qwen2 and
+RoBERTa-style attention take it unchanged. Grouped-query models get prefixes for their key/value
+heads only (HF peft does the same). The hidden states hold only the real tokens, so pooling is
+unchanged. Exported as HF peft's PREFIX_TUNING; with the MLP, the export holds its output (as HF
+peft saves it), and reloading gives the MLP-free table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtpeft.errors import ConfigError
+from mtpeft.tuners.base import InputModule, Tuner, peft_task_type
+from mtpeft.tuners.family import T5_TYPES
+from mtpeft.tuners.prompt import decoder_positions
+
+
+@dataclass
+class PrefixSettings:
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    hidden: int = 512
+
+
+def kv_layout(cfg) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder or BERT-style config."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+class PrefixInput(InputModule):
+    virtual = 0
+
+    def __init__(self, tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
+        super().__init__()
+        self.tokens, self.layers, self.kv_heads, self.head_dim = tokens, layers, kv_heads, head_dim
+        width = layers * 2 * kv_heads * head_dim
+        if projection:
+            self.embedding = nn.Embedding(tokens, kv_heads * head_dim)
+            self.transform = nn.Sequential(nn.Linear(kv_heads * head_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        else:
+            self.embedding = nn.Embedding(tokens, width)
+            self.transform = None
+
+    def table(self) -> torch.Tensor:
+        """``[P, layers·2·kv_heads·head_dim]``: what HF peft calls the prompt embeddings of a prefix.
+        Runs through the submodules' calls, so ZeRO-3 gathers their weights."""
+        index = torch.arange(self.tokens, device=self.embedding.weight.device)
+        out = self.embedding(index)
+        return self.transform(out) if self.transform is not None else out
+
+    def table_from_weights(self) -> torch.Tensor:
+        """The same table from the (already gathered) weights, without module hooks: for export."""
+        out = self.embedding.weight
+        if self.transform is not None:
+            first, last = self.transform[0], self.transform[2]
+            out = F.linear(torch.tanh(F.linear(out, first.weight, first.bias)), last.weight, last.bias)
+        return out
+
+    def fold(self, table: torch.Tensor) -> None:
+        """Replace the MLP by its output (an exported prefix)."""
+        self.transform = None
+        self.embedding = nn.Embedding(table.shape[0], table.shape[1])
+        with torch.no_grad():
+            self.embedding.weight.copy_(table)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed: nn.Module,
+                decoder: bool) -> dict:
+        from transformers import DynamicCache
+
+        b = input_ids.shape[0]
+        kv = self.table().to(embed.weight.dtype)
+        kv = kv.view(1, self.tokens, self.layers * 2, self.kv_heads, self.head_dim).expand(b, -1, -1, -1, -1)
+        pairs = kv.permute(2, 0, 3, 1, 4).split(2)  # per layer: [2, B, heads, P, head_dim]
+        mask = torch.cat([attention_mask.new_ones(b, self.tokens), attention_mask], dim=1)
+        out = {"input_ids": input_ids, "attention_mask": mask,
+               "past_key_values": DynamicCache([(p[0], p[1]) for p in pairs])}
+        if decoder:
+            out["position_ids"] = decoder_positions(attention_mask, offset=self.tokens)
+        return out
+
+
+class PrefixTuner(Tuner):
+    name = "prefix"
+    hf_peft = True
+
+    def check(self, model_config, gradient_checkpointing: bool) -> None:
+        if getattr(model_config, "model_type", "") in T5_TYPES:
+            raise ConfigError("peft.method prefix: a T5 encoder takes no past key/values, so it cannot carry "
+                              "a prefix; use peft.method: prompt (virtual tokens) with this backbone")
+        if gradient_checkpointing:
+            raise ConfigError("peft.method prefix needs model.gradient_checkpointing: false (transformers drops "
+                              "past_key_values, which carry the prefix, in checkpointed layers)")
+
+    def inject(self, backbone: nn.Module) -> PrefixInput:
+        s: PrefixSettings = self.settings
+        self.layout = kv_layout(backbone.config)
+        return PrefixInput(s.num_virtual_tokens, *self.layout, s.projection, s.hidden)
+
+    def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {f"prefix.{n}": p for n, p in model.input_module.named_parameters()}
+
+    def export_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"prompt_embeddings": model.input_module.table_from_weights().detach().float().cpu().contiguous()}
+
+    def load_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+        from mtpeft.tuners.base import check_keys
+
+        check_keys({"prompt_embeddings": None}, tensors, source)
+        model.input_module.fold(tensors["prompt_embeddings"].float())
+
+    def peft_config(self, model: nn.Module, base_model_name_or_path: str):
+        from peft import PrefixTuningConfig
+
+        layers, kv_heads, head_dim = self.layout
+        return PrefixTuningConfig(num_virtual_tokens=self.settings.num_virtual_tokens, token_dim=kv_heads * head_dim,
+                                  num_attention_heads=kv_heads, num_layers=layers, num_transformer_submodules=1,
+                                  encoder_hidden_size=self.settings.hidden, prefix_projection=False,
+                                  task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path)

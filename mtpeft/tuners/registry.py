@@ -1,0 +1,40 @@
+"""``peft.method`` → the tuner that builds, exports and reloads it. The only place methods are named."""
+
+from __future__ import annotations
+
+from mtpeft.config import PeftConfig
+from mtpeft.errors import ConfigError
+from mtpeft.tuners.adapters import AdapterSettings, ParallelAdapterTuner, SerialAdapterTuner
+from mtpeft.tuners.base import Tuner
+from mtpeft.tuners.ia3 import IA3Settings, IA3Tuner
+from mtpeft.tuners.lora import LoraSettings, LoraTuner
+from mtpeft.tuners.mtl_lora import MtlLoraTuner
+from mtpeft.tuners.prefix import PrefixSettings, PrefixTuner
+from mtpeft.tuners.prompt import PromptSettings, PromptTuner
+
+
+def _lora(p: PeftConfig) -> LoraSettings:
+    return LoraSettings(r=p.r, alpha=p.alpha, dropout=p.dropout, target_modules=list(p.target_modules))
+
+
+def _adapter(p: PeftConfig) -> AdapterSettings:
+    return AdapterSettings(bottleneck=p.bottleneck, activation=p.adapter_activation, scaling=p.adapter_scaling)
+
+
+METHODS = {
+    "lora": (LoraTuner, _lora),
+    "mtl_lora": (MtlLoraTuner, _lora),
+    "serial_adapter": (SerialAdapterTuner, _adapter),
+    "parallel_adapter": (ParallelAdapterTuner, _adapter),
+    "ia3": (IA3Tuner, lambda p: IA3Settings(list(p.ia3_target_modules), list(p.ia3_feedforward_modules))),
+    "prompt": (PromptTuner, lambda p: PromptSettings(p.num_virtual_tokens)),
+    "prefix": (PrefixTuner, lambda p: PrefixSettings(p.num_virtual_tokens, p.prefix_projection, p.prefix_hidden)),
+}
+
+
+def make_tuner(peft: PeftConfig, task_names: list[str]) -> Tuner:
+    """The tuner of ``peft.method``, with its settings read from the ``peft`` section."""
+    if peft.method not in METHODS:
+        raise ConfigError(f"peft.method must be one of {', '.join(METHODS)}, got {peft.method!r}")
+    cls, settings = METHODS[peft.method]
+    return cls(settings(peft), task_names)
