@@ -66,8 +66,9 @@ def test_codellama_34b_fits_one_24gib_gpu(capsys):
 def test_eight_gpus_hold_one_eighth_of_the_weights(capsys):
     one = _cli("--model", "codellama-34b", "--gpus", "1", capsys=capsys)["breakdown"]
     eight = _cli("--model", "codellama-34b", "--gpus", "8", capsys=capsys)["breakdown"]
-    for key in ("packed_weights", "quant_constants", "bf16_weights", "optimizer_states"):
+    for key in ("packed_weights", "quant_constants", "bf16_weights", "optimizer_states", "gradients"):
         assert eight[key] == pytest.approx(one[key] / 8, rel=1e-4), key
+    assert one["master_weights"] == 0 and eight["master_weights"] == eight["trainable_params"]
     assert eight["activations"] == one["activations"]
 
 
@@ -114,6 +115,7 @@ def test_zero3_padding_per_tensor():
     assert states["packed_weights"] == expected
     lora = [5 * 2048, 2048 * 5] * 4 + [5 * 2048, 5504 * 5] * 2 + [5 * 5504, 2048 * 5]
     assert states["optimizer_states"] == 24 * sum(math.ceil(n / 3) * 8 for n in lora)
+    assert states["master_weights"] == 24 * sum(math.ceil(n / 3) * 4 for n in lora)  # ZeRO-3 (world 3)
 
 
 class _FakeQuantLinear(nn.Module):
@@ -125,20 +127,24 @@ class _FakeQuantLinear(nn.Module):
         self.absmax = nn.Parameter(torch.zeros(33, dtype=torch.bfloat16), requires_grad=False)
 
 
-def test_plan_model_states_counts_an_actual_module():
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_plan_model_states_counts_an_actual_module(engine):
     model = nn.Module()
     model.q = _FakeQuantLinear()
     model.norm = nn.LayerNorm(7).to(torch.bfloat16).requires_grad_(False)
     model.lora_A = nn.Parameter(torch.zeros(5, 7))
     model.prompt = nn.Parameter(torch.zeros(11, dtype=torch.bfloat16))
-    got = plan_model_states(model, world_size=4)
+    got = plan_model_states(model, world_size=4, engine=engine)
     assert got["packed_weights"] == math.ceil(1001 / 4) * 2
     assert got["quant_constants"] == math.ceil(33 / 4) * 2
     assert got["bf16_weights"] == 2 * math.ceil(7 / 4) * 2
-    # fp32 LoRA: 4 B param; bf16 prompt: 2 B param + 4 B fp32 master.
-    assert got["trainable_params"] == math.ceil(35 / 4) * 4 + math.ceil(11 / 4) * (2 + 4)
-    assert got["gradients"] == (math.ceil(35 / 4) + math.ceil(11 / 4)) * 4
-    assert got["optimizer_states"] == (math.ceil(35 / 4) + math.ceil(11 / 4)) * 8
+    lora, prompt = math.ceil(35 / 4), math.ceil(11 / 4)
+    assert got["trainable_params"] == lora * 4 + prompt * 2
+    # fp32 master: always for bf16 params; for fp32 ones only under DeepSpeed (measured, 0.19.8).
+    assert got["master_weights"] == prompt * 4 + (lora * 4 if engine == "deepspeed" else 0)
+    assert got["gradients"] == lora * 4 + prompt * 2
+    assert got["optimizer_states"] == (lora + prompt) * 8
+    assert got["total"] == sum(v for k, v in got.items() if k != "total")
 
 
 def test_plan_model_states_agrees_with_the_architecture_plan():
@@ -151,7 +157,7 @@ def test_plan_model_states_agrees_with_the_architecture_plan():
     arch = count_architecture(model, "tiny")
     model.requires_grad_(False)
     quant.quantize_model(model, skip=("lm_head",))
-    planned = model_state_bytes(arch, PlanSettings(world_size=2, peft=PeftSpec("ia3", {})))
+    planned = model_state_bytes(arch, PlanSettings(world_size=2, peft=PeftSpec("ia3", {}), persistence_threshold=0))
     measured = plan_model_states(model, world_size=2)
     for key in ("packed_weights", "quant_constants", "bf16_weights"):
         assert measured[key] == planned[key], key
@@ -213,8 +219,10 @@ def test_offload_auto_picks_cpu_when_states_do_not_fit():
     assert notes["offload"] == "cpu"
     result = plan(arch, s)
     kept = plan(arch, PlanSettings(gpu_mem_gib=12))["breakdown"]
-    moved = sum(kept[k] for k in ("packed_weights", "quant_constants", "bf16_weights", "trainable_params",
-                                  "gradients", "optimizer_states"))
+    deepspeed = plan(arch, PlanSettings(gpu_mem_gib=12, engine="deepspeed"))["breakdown"]
+    assert deepspeed["master_weights"] == kept["trainable_params"] and kept["master_weights"] == 0
+    moved = sum(deepspeed[k] for k in ("packed_weights", "quant_constants", "bf16_weights", "trainable_params",
+                                       "master_weights", "gradients", "optimizer_states"))
     assert result["fits"] and result["cpu_bytes_per_node"] == moved and result["breakdown"]["packed_weights"] == 0
 
 

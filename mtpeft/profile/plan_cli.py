@@ -26,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
     parser.add_argument("--logits-chunk", type=int, default=0, help="tokens per loss chunk; 0 = full logits")
     parser.add_argument("--trainable-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--engine", choices=("auto", "torch", "deepspeed"), default="auto",
+                        help="auto: plain PyTorch on one GPU without offload, DeepSpeed ZeRO-3 otherwise")
+    parser.add_argument("--reduce-bucket-size", type=int, default=50_000_000, help="reduce_bucket_size")
     parser.add_argument("--prefetch-bucket-size", type=int, default=50_000_000, help="stage3_prefetch_bucket_size")
     parser.add_argument("--max-live-parameters", type=int, default=1_000_000_000, help="stage3_max_live_parameters")
-    parser.add_argument("--persistence-threshold", type=int, default=100_000,
+    parser.add_argument("--persistence-threshold", type=int, default=0,
                         help="stage3_param_persistence_threshold")
     parser.add_argument("--margin", type=float, default=0.10, help="allocator margin, fraction of dynamic memory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -51,12 +54,14 @@ def _table(result: Dict[str, Any], notes: Dict[str, Any]) -> str:
     lines = [
         f"{result['model']}: {result['total_params']:,} parameters, {result['trainable_params']:,} trainable "
         f"({s['peft']}), world {result['world_size']}, seq {s['seq']}, micro-batch {s['micro_batch']}, "
-        f"quant {s['quant']}, offload {s['offload']}, checkpointing {'on' if s['checkpointing'] else 'off'}",
+        f"quant {s['quant']}, offload {s['offload']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
+        f"engine {s['engine']}",
         f"{'per GPU':<26}{'GiB':>10}",
     ]
     lines += [f"  {k:<24}{v / GIB:>10.3f}" for k, v in result["breakdown"].items()]
-    trained = ("fp32 params + fp32 grads + fp32 Adam (16 B each)" if s["trainable_dtype"] == "fp32"
-               else "bf16 params + fp32 master + bf16 grads + fp32 Adam (16 B each)")
+    master = " + fp32 master copy" if result["breakdown"]["master_weights"] else ""
+    trained = (f"fp32 params + fp32 grads + fp32 Adam{master}" if s["trainable_dtype"] == "fp32"
+               else "bf16 params + fp32 master + bf16 grads + fp32 Adam")
     lines.append(f"  {'total (with margin)':<24}{result['per_gpu_bytes'] / GIB:>10.3f}")
     lines.append(f"  {'predicted peak allocated':<24}{result['predicted_peak_gib']:>10.3f}")
     lines.append(f"trainable: {trained}, partitioned over {result['world_size']} rank(s)")
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         checkpointing=args.checkpointing == "on", attention=args.attention, logits_chunk=args.logits_chunk,
         trainable_dtype=args.trainable_dtype, allocator_margin=args.margin,
         prefetch_bucket_size=args.prefetch_bucket_size, max_live_parameters=args.max_live_parameters,
-        persistence_threshold=args.persistence_threshold,
+        persistence_threshold=args.persistence_threshold, reduce_bucket_size=args.reduce_bucket_size,
+        engine=args.engine,
     )
     settings, notes = search(arch, settings, micro_batch_auto=not micro, seq_auto=not seq,
                              offload_auto=args.offload == "auto")

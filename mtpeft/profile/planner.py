@@ -12,8 +12,9 @@ the world size, so a tensor of ``n`` elements costs ``ceil(n / world)`` elements
     fp32 dynamic map and the fp32 offset (the 16 NF4 levels are a constant of the code, not
     stored); without: fp32 absmax per block. Each is its own bf16-viewed tensor, padded apart;
   * embeddings, norms, biases and an untied LM head in bf16;
-  * PEFT parameters trained in fp32 under bf16 autocast: 4 B param + 4 B grad + 8 B Adam (``bf16``:
-    2 B param + 4 B fp32 master + 2 B grad + 8 B Adam).
+  * PEFT parameters trained in fp32 under bf16 autocast: 4 B param + 4 B grad + 8 B Adam under
+    plain PyTorch (one GPU); DeepSpeed ZeRO-3 adds a 4 B fp32 master partition even for fp32
+    parameters (measured on deepspeed 0.19.8); ``bf16``: 2 B param + 4 B master + 2 B grad + 8 B Adam.
 
 Activations (``T = b·L`` tokens, ``h`` hidden, ``q = heads·head_dim``, ``kv = kv_heads·head_dim``,
 ``I`` intermediate, bytes under bf16 autocast). A frozen 4-bit linear's backward needs only its
@@ -42,10 +43,12 @@ log-softmax ``4·T·V``; at the end of the forward all three are alive, during t
 only the bf16 logits. With ``logits_chunk = c`` tokens the fp32 part is ``8·c·V`` and no logits
 are returned. The peak is the larger of the forward end and the first block backward.
 
-ZeRO-3 buffers (world > 1 or parameter offload): the largest module gathered whole (a block's
+Engine: ``auto`` plans plain PyTorch for one GPU without offload, DeepSpeed ZeRO-3 otherwise.
+ZeRO-3 buffers (DeepSpeed engine only): the largest module gathered whole (a block's
 packed weights, constants, biases, norms and PEFT params, or the embedding / LM head), plus the
 prefetch bucket (``stage3_prefetch_bucket_size`` elements of 2 B, at most one more block), capped
-by ``stage3_max_live_parameters``; plus a gradient reduce bucket in fp32; plus the tensors under
+by ``stage3_max_live_parameters``; plus the gradient bucket ``contiguous_gradients`` allocates in
+full (``reduce_bucket_size`` elements); plus the tensors under
 ``stage3_param_persistence_threshold`` that every rank keeps whole (norms, small constants).
 
 Offload ``cpu`` / ``nvme``: the partitioned base and the PEFT states (param, grad, Adam) leave the
@@ -172,8 +175,9 @@ class PlanSettings:
     trainable_dtype: str = "fp32"
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
-    reduce_bucket_size: int = 500_000_000
-    persistence_threshold: int = 100_000
+    reduce_bucket_size: int = 50_000_000
+    persistence_threshold: int = 0
+    engine: str = "auto"
     allocator_margin: float = 0.10
     dropout_mask_bytes: int = 1
     saves_dequantized_weight: bool = False
@@ -195,10 +199,20 @@ def nf4_tensor_bytes(numel: int, double_quant: bool) -> Tuple[int, List[int]]:
     return -(-numel // 2), consts
 
 
-def trainable_bytes_per_element(dtype: str) -> Dict[str, int]:
-    if dtype == "fp32":
-        return {"trainable_params": 4, "gradients": 4, "optimizer_states": 8}
-    return {"trainable_params": 2 + 4, "gradients": 2, "optimizer_states": 8}
+def engine_of(s: PlanSettings) -> str:
+    """``auto``: plain PyTorch on one GPU without offload, DeepSpeed ZeRO-3 otherwise."""
+    if s.engine != "auto":
+        return s.engine
+    return "deepspeed" if s.world_size > 1 or s.offload != "none" else "torch"
+
+
+def trainable_bytes_per_element(dtype: str, engine: str) -> Dict[str, int]:
+    """Bytes per trainable element. DeepSpeed ZeRO-3 keeps an fp32 master partition even for fp32
+    parameters (stage3's alias branch compares a torch.device with a device-name string, which is
+    never equal), so fp32 PEFT costs 20 B there and 16 B under plain PyTorch."""
+    master = 4 if dtype != "fp32" or engine == "deepspeed" else 0
+    param = 4 if dtype == "fp32" else 2
+    return {"trainable_params": param, "master_weights": master, "gradients": param, "optimizer_states": 8}
 
 
 def model_state_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:
@@ -212,7 +226,7 @@ def model_state_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:
             out["quant_constants"] += sum(per_rank(c, world) for c in consts)
         else:
             out["bf16_weights"] += per_rank(2 * numel, world)
-    sizes = trainable_bytes_per_element(s.trainable_dtype)
+    sizes = trainable_bytes_per_element(s.trainable_dtype, engine_of(s))
     for key, size in sizes.items():
         out[key] = sum(size * -(-n // world) for n in peft_tensors(arch, s.peft))
     return out
@@ -299,7 +313,7 @@ def _largest_gathered_bytes(arch: Architecture, s: PlanSettings) -> Tuple[int, i
             blocks[layer] = blocks.get(layer, 0) + nbytes
         else:
             other = max(other, nbytes)
-    peft = sum(peft_tensors(arch, s.peft)) * trainable_bytes_per_element(s.trainable_dtype)["trainable_params"]
+    peft = sum(peft_tensors(arch, s.peft)) * (4 if s.trainable_dtype == "fp32" else 2)
     block = max(blocks.values()) + peft // max(arch.num_layers, 1)
     return max(block, other), block
 
@@ -307,7 +321,7 @@ def _largest_gathered_bytes(arch: Architecture, s: PlanSettings) -> Tuple[int, i
 def persistent_bytes(arch: Architecture, s: PlanSettings) -> int:
     """Tensors at or under ``stage3_param_persistence_threshold`` stay gathered whole on every rank
     (on top of their partition, which ``model_state_bytes`` counts)."""
-    if s.world_size == 1 or s.offload != "none":
+    if engine_of(s) != "deepspeed" or s.offload != "none":
         return 0
     total = 0
     for kind, numel, _ in arch.tensors:
@@ -317,22 +331,27 @@ def persistent_bytes(arch: Architecture, s: PlanSettings) -> int:
         else:
             sizes = [2 * numel]
         total += sum(2 * -(-n // 2) for n in sizes if -(-n // 2) <= s.persistence_threshold)
-    sizes = trainable_bytes_per_element(s.trainable_dtype)["trainable_params"]
-    return total + sum(n * sizes for n in peft_tensors(arch, s.peft) if n <= s.persistence_threshold)
+    size = 4 if s.trainable_dtype == "fp32" else 2
+    return total + sum(n * size for n in peft_tensors(arch, s.peft) if n <= s.persistence_threshold)
 
 
 def zero3_buffer_bytes(arch: Architecture, s: PlanSettings) -> int:
-    if s.world_size == 1 and s.offload == "none":
+    """Gathered + prefetched parameters, and the gradient bucket that ``contiguous_gradients``
+    allocates in full (``reduce_bucket_size`` elements of the gradient dtype) at engine start."""
+    if engine_of(s) != "deepspeed":
         return 0
     largest, block = _largest_gathered_bytes(arch, s)
     prefetch = min(2 * s.prefetch_bucket_size, block)
     live = min(largest + prefetch, max(largest, 2 * s.max_live_parameters))
-    reduce = 4 * min(s.reduce_bucket_size, sum(peft_tensors(arch, s.peft)))
+    reduce = (4 if s.trainable_dtype == "fp32" else 2) * s.reduce_bucket_size
     return live + reduce
 
 
 def plan(arch: Architecture, s: PlanSettings) -> Dict[str, Any]:
     """One configuration → the breakdown, the peak and whether it fits."""
+    if engine_of(s) == "torch" and (s.world_size > 1 or s.offload != "none"):
+        raise UserError("--engine torch runs one GPU without offload; use --engine deepspeed (ZeRO-3) "
+                        "for several GPUs or offloading")
     states = model_state_bytes(arch, s)
     host = {"cpu_bytes_per_node": 0, "nvme_bytes_per_node": 0}
     if s.offload != "none":
@@ -364,6 +383,7 @@ def plan(arch: Architecture, s: PlanSettings) -> Dict[str, Any]:
             "quant": s.quant, "double_quant": s.double_quant, "offload": s.offload,
             "checkpointing": s.checkpointing, "attention": s.attention, "logits_chunk": s.logits_chunk,
             "trainable_dtype": s.trainable_dtype, "allocator_margin": s.allocator_margin,
+            "engine": engine_of(s),
         },
         "breakdown": breakdown,
         "per_gpu_bytes": per_gpu,
@@ -417,16 +437,18 @@ def _is_quantized_module(module: nn.Module) -> bool:
     return "quant" in type(module).__name__.lower() or hasattr(module, "quant_state")
 
 
-def plan_model_states(model: nn.Module, world_size: int, optimizer_bytes_per_element: int = 8,
-                      grad_bytes_per_element: int = 4) -> Dict[str, int]:
+def plan_model_states(model: nn.Module, world_size: int, engine: str = "deepspeed",
+                      optimizer_bytes_per_element: int = 8) -> Dict[str, int]:
     """Per-rank bytes of an ACTUAL module's states under ZeRO-3, counted like ``model_state_bytes``.
 
     Inside a quantized module (class name containing ``Quant`` or holding ``quant_state``) the
-    largest frozen tensor is the packed weight and the rest are quantization constants. Trainable
-    tensors get grads and Adam states in fp32, plus an fp32 master copy when they are not fp32.
+    largest frozen tensor is the packed weight and the rest are quantization constants; every
+    tensor is padded to a multiple of ``world_size`` elements, as ZeRO-3 partitions it. Trainable
+    tensors get gradients in their own dtype, Adam states in fp32 and an fp32 master copy (always
+    under DeepSpeed, see ``trainable_bytes_per_element``; under plain PyTorch only when not fp32).
     """
     out = dict(packed_weights=0, quant_constants=0, bf16_weights=0, trainable_params=0,
-               gradients=0, optimizer_states=0)
+               master_weights=0, gradients=0, optimizer_states=0)
     seen = set()
     for module in model.modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
@@ -435,15 +457,15 @@ def plan_model_states(model: nn.Module, world_size: int, optimizer_bytes_per_ele
         packed = max(frozen, key=lambda p: p.numel() * p.element_size(), default=None)
         for _, p in own:
             size = p.element_size()
-            nbytes = p.numel() * size
+            part = -(-p.numel() // world_size)
             if p.requires_grad:
-                master = 0 if p.dtype.is_floating_point and size == 4 else 4
-                out["trainable_params"] += per_rank(nbytes, world_size, size) + master * -(-p.numel() // world_size)
-                out["gradients"] += grad_bytes_per_element * -(-p.numel() // world_size)
-                out["optimizer_states"] += optimizer_bytes_per_element * -(-p.numel() // world_size)
+                out["trainable_params"] += part * size
+                out["master_weights"] += part * 4 if (engine == "deepspeed" or size != 4) else 0
+                out["gradients"] += part * size
+                out["optimizer_states"] += part * optimizer_bytes_per_element
             elif _is_quantized_module(module):
-                out["packed_weights" if p is packed else "quant_constants"] += per_rank(nbytes, world_size, size)
+                out["packed_weights" if p is packed else "quant_constants"] += part * size
             else:
-                out["bf16_weights"] += per_rank(nbytes, world_size, size)
+                out["bf16_weights"] += part * size
     out["total"] = sum(out.values())
     return out
