@@ -6,8 +6,9 @@ latest statistics of every task and updates once per *cycle* (K consecutive glob
 visit per task under round robin), from losses the loop has already all-reduced over ranks.
 The model's gradient only ever flows through ``loss * w`` with ``w`` a plain float: the rules'
 own parameters are updated inside ``observe`` from those all-reduced values, with deterministic
-CPU float64 math, so every rank holds bit-identical weights without communicating and the
-DeepSpeed optimizer never sees them (``parameters()`` is for inspection, never add it to it).
+CPU float64 math, so every rank holds bit-identical weights without communicating. Hence
+``parameters()`` is always empty: nothing for the model optimizer (a ZeRO-3 optimizer only
+manages module parameters, and a per-rank gradient would let the ranks' weights drift apart).
 
 Loop protocol, every global step t of task i:
     loss_w = weighting.weight(i, loss, t)       # per micro-batch; backpropagate loss_w
@@ -17,6 +18,7 @@ Loop protocol, every global step t of task i:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -61,10 +63,10 @@ class _CycleLosses:
         return all(len(h) >= depth for h in self.history)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("cycle", "sums", "counts", "history", "latest", "first")}
+        return copy.deepcopy({k: getattr(self, k) for k in ("cycle", "sums", "counts", "history", "latest", "first")})
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
+        for key, value in copy.deepcopy(state).items():
             setattr(self, key, value)
 
 
@@ -109,6 +111,7 @@ class LossWeighting:
         """Norm over the shared parameters of the gradient of ``weight()``'s result; gradnorm uses it."""
 
     def parameters(self) -> list[torch.Tensor]:
+        """Always empty: learned weights are updated inside ``observe``, not by the model optimizer."""
         return []
 
     def weights(self) -> list[float]:
@@ -116,7 +119,7 @@ class LossWeighting:
         return [self._task_weight(i) for i in range(self.num_tasks)]
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "tasks": self.task_names, "cycles": self.cycles.state_dict(),
+        return {"kind": self.kind, "tasks": list(self.task_names), "cycles": self.cycles.state_dict(),
                 "used": list(self._used), **self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,9 +176,6 @@ class _LearnedWeighting(LossWeighting):
         self.optimizer.zero_grad()
         self._objective(task, loss_value).backward()
         self.optimizer.step()
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.param]
 
     def _extra_state(self) -> dict:
         return {"param": self.param.detach().clone(), "optimizer": self.optimizer.state_dict()}
@@ -293,9 +293,6 @@ class Famo(LossWeighting):
         z = torch.softmax(self.logits, 0)
         delta = z * (d - (z * d).sum())
         self.logits = self.logits - self.beta * (delta + self.gamma * self.logits)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.logits]
 
     def _extra_state(self) -> dict:
         return {"logits": self.logits.clone()}
