@@ -182,3 +182,22 @@ def test_state_dict_round_trip_continues_identically(kind):
     other = "dwa" if kind != "dwa" else "famo"
     with pytest.raises(CheckpointError, match="weighting"):
         make_weighting(other, ["a", "b", "c"]).load_state_dict(live.state_dict())
+
+
+@pytest.mark.parametrize("kind", W.WEIGHTING_KINDS)
+def test_ranks_with_different_local_losses_keep_identical_weights(kind):
+    """Contract: weights depend only on the all-reduced values passed to observe()."""
+    opts = {"static_weights": {"a": 1.0, "b": 2.0}}
+    ranks = [make_weighting(kind, ["a", "b"], **opts) for _ in range(2)]
+    rng = np.random.default_rng(3)
+    for step in range(40):
+        task, mean_loss, norm = step % 2, float(rng.uniform(0.2, 2.0)), float(rng.uniform(0.5, 2.0))
+        for r, rule in enumerate(ranks):
+            local = torch.tensor(mean_loss * (0.5 + r), dtype=torch.float64, requires_grad=True)  # this rank's micro-batch
+            out = rule.weight(task, local, step)
+            out.backward()
+            assert local.grad.item() == pytest.approx(rule.weights()[task], rel=1e-12)  # d(out)/dL = w
+            rule.observe_grad_norm(task, norm * rule.weights()[task])
+            rule.observe(task, mean_loss, step)
+        assert ranks[0].weights() == ranks[1].weights()
+    assert ranks[0].parameters() == []
