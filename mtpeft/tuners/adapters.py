@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from mtpeft.kernels.bottleneck_adapter import bottleneck_adapter
 from mtpeft.kernels.bottleneck_adapter_reference import check_activation
-from mtpeft.tuners.base import Tuner
+from mtpeft.tuners.base import Tuner, WrappedLinear
 from mtpeft.tuners.family import ffn_blocks, find_linears, model_type, replace_module, FFN_BLOCKS
 
 SERIAL_TARGETS = ["o_proj", "down_proj"]
@@ -50,21 +50,13 @@ class BottleneckParams(nn.Module):
                                   self.adapter_up_bias.to(dt), self.activation, self.scaling, residual)
 
 
-class SerialAdapterLinear(BottleneckParams):
+class SerialAdapterLinear(BottleneckParams, WrappedLinear):
     """A frozen output projection followed by a serial adapter on its output."""
 
     def __init__(self, base: nn.Module, s: AdapterSettings):
         super().__init__()
         self.base = base
         self._init_adapter(base.out_features, base.out_features, s)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._adapt(self.base(x))

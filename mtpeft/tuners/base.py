@@ -101,3 +101,20 @@ def check_keys(targets: dict, loaded: dict, source: str) -> None:
 def peft_task_type(model: nn.Module) -> str:
     """HF peft's task type: a causal LM for decoders, bare feature extraction for encoder backbones."""
     return "FEATURE_EXTRACTION" if getattr(model, "is_encoder", False) else "CAUSAL_LM"
+
+
+class WrappedLinear(nn.Module):
+    """A tuner layer around a frozen linear ``self.base`` that still reads as that linear (shape and
+    ``weight``), since some models inspect e.g. ``wo.weight.dtype`` (T5)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight

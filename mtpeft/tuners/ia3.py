@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mtpeft.tuners.base import Tuner, peft_task_type
+from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
 
 
@@ -23,7 +23,7 @@ class IA3Settings:
     feedforward_modules: list = field(default_factory=lambda: ["down_proj"])
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """``ia3_l`` has HF peft's shape: ``[1, in]`` for an input scale, ``[out, 1]`` for an output scale."""
 
     def __init__(self, base: nn.Module, feedforward: bool):
@@ -32,14 +32,6 @@ class IA3Linear(nn.Module):
         self.feedforward = feedforward
         shape = (1, base.in_features) if feedforward else (base.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.flatten().to(x.dtype)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtpeft.tuners.base import Tuner, peft_task_type
+from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
 
 
@@ -34,7 +34,7 @@ class LoraSettings:
         return self.alpha / self.r
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear):
     """``y = base(x) + s · dropout(x) Aᵀ Bᵀ``; A is Kaiming-uniform, B starts at zero (as in HF peft)."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float):
@@ -46,14 +46,6 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self.base, "forward_with_lora", None)

@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtpeft.tuners.base import TaskSelector, Tuner
+from mtpeft.tuners.base import TaskSelector, Tuner, WrappedLinear
 from mtpeft.tuners.family import find_linears, replace_module
 from mtpeft.tuners.lora import LoraSettings, _warn_dropout_unfused
 
 
-class MtlLoraLinear(nn.Module):
+class MtlLoraLinear(WrappedLinear):
     """A frozen linear plus shared ``lora_A [r,in]``, ``lora_B [out,r]`` and ``lora_T [tasks,r]``."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, selector: TaskSelector):
@@ -32,14 +32,6 @@ class MtlLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
         self.lora_T = nn.Parameter(torch.ones(len(selector.names), r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         task_a = (self.lora_T[self.selector.current()].unsqueeze(1) * self.lora_A).to(x.dtype)
