@@ -18,7 +18,7 @@ import yaml
 
 from mtpeft.errors import ConfigError
 
-TASK_KINDS = ("classify", "pair_classify", "retrieve", "generate")
+TASK_KINDS = ("classify", "pair_classify", "cluster", "retrieve", "generate", "program_synthesis")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Per-task heads on top of the shared backbone, as in the code-analysis study.
 
 Classification: Linear(h→h/2) → ReLU → Dropout → Linear(→1), trained with BCE on one logit.
-Retrieval: Linear(h→d) then L2 normalisation, so a dot product is a cosine similarity.
-Generation has no head of its own: it reads the backbone's LM head.
+Retrieval and clustering (POJ-104): Linear(h→d) then L2 normalisation, so a dot product is a cosine
+similarity.
+Generation and program synthesis have no head of their own: they read the backbone's LM head.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class RetrievalHead(nn.Module):
 def make_head(kind: str, hidden: int, dropout: float) -> nn.Module | None:
     if kind in ("classify", "pair_classify"):
         return ClassificationHead(hidden, dropout)
-    if kind == "retrieve":
+    if kind in ("retrieve", "cluster"):
         return RetrievalHead(hidden)
     return None
 
