@@ -175,7 +175,7 @@ def apps_prompt(question: str, starter_code: str, call_based: bool) -> str:
 
 
 def _apps(row):
-    pid = row["problem_id"]
+    pid = _first(row, ("problem_id", "id"))  # the HF copy says problem_id, the raw jsonl id
     if isinstance(pid, bool) or not isinstance(pid, (int, str)):
         raise ValueError(f"field 'problem_id' must be an integer or a string, got {pid!r}")
     question = _text(row["question"], "question")
@@ -215,7 +215,7 @@ FORMATS: dict[str, RecordFormat] = {
         RecordFormat("conala", "generate", (("rewritten_intent", "intent", "nl"), ("snippet", "cmd")), _conala),
         RecordFormat("codealpaca", "generate", (("instruction", "nl"), ("output", "cmd")), _codealpaca),
         RecordFormat("apps", "program_synthesis",
-                     (("problem_id",), ("question",), ("solutions",), ("input_output",)), _apps),
+                     (("problem_id", "id"), ("question",), ("solutions",), ("input_output",)), _apps),
     )
 }
 
