@@ -103,6 +103,9 @@ CASES = [
     ((37, 200), 129, 7, torch.bfloat16, False, False, True),
     ((37, 200), 129, 7, torch.float16, True, True, True),
     ((37, 200), 129, 0, torch.float32, True, False, True),  # IA3 only: no LoRA term
+    # K a multiple of the blocksize: absmax loaded per block and broadcast (the LLM case)
+    ((37, 256), 129, 7, torch.float32, True, True, True),
+    ((3, 13, 256), 70, 7, torch.bfloat16, False, False, True),
 ]
 
 

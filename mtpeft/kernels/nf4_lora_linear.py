@@ -27,7 +27,8 @@ from mtpeft.quant.nf4_format import NF4Weight
 
 def _gemm_configs() -> list:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        # 64-wide tiles so the tests reach the blocksize-aligned absmax path (K a multiple of 64).
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     cfg = []
     for bm, bn, bk, w, s in [
         (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
@@ -49,14 +50,29 @@ def _prune_by_m(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _block_absmax(block, mask, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                  DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of NF4 blocks ``block``, undoing the double quantization in registers."""
+    if DOUBLE_QUANT:
+        absmax_q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + block // 256, mask=mask, other=0.0)  # bnb's nested block
+        absmax = tl.load(absmax_code_ptr + absmax_q) * scale + absmax_offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
 def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
               rows, row_ok, k0, K, row_bytes, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr,
-              DOUBLE_QUANT: tl.constexpr, PAIRED: tl.constexpr):
+              DOUBLE_QUANT: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr):
     """fp32 ``W[rows, k0:k0+BLOCK_C]`` decoded in registers, 0 outside the matrix.
 
-    PAIRED (K even): every row starts on a byte, so the tile's bytes are read as one contiguous
-    (vectorizable) [rows, BLOCK_C/2] load and split into nibbles; otherwise each element fetches
-    its own byte by flat index."""
+    PAIRED (K even): every row starts on a byte, so the tile's bytes are one contiguous
+    (vectorizable) [rows, BLOCK_C/2] load split into nibbles; otherwise each element fetches its
+    byte by flat index. ALIGNED (K and BLOCK_C multiples of the blocksize): each tile row covers
+    whole NF4 blocks, so absmax is a [rows, BLOCK_C/blocksize] load broadcast over its block instead
+    of a per-element gather."""
     cols = k0 + tl.arange(0, BLOCK_C)
     flat = rows[:, None] * K + cols[None, :]
     mask = row_ok[:, None] & (cols < K)[None, :]
@@ -69,14 +85,18 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_pt
         byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble)
-    block = flat // BLOCKSIZE
-    if DOUBLE_QUANT:
-        absmax_q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + block // 256, mask=mask, other=0.0)  # bnb's nested block
-        absmax = tl.load(absmax_code_ptr + absmax_q) * scale + absmax_offset
+    if ALIGNED and (BLOCK_C % BLOCKSIZE == 0):
+        NB: tl.constexpr = BLOCK_C // BLOCKSIZE
+        blocks = k0 // BLOCKSIZE + tl.arange(0, NB)
+        absmax = _block_absmax(rows[:, None] * (K // BLOCKSIZE) + blocks[None, :],
+                               row_ok[:, None] & (blocks * BLOCKSIZE < K)[None, :],
+                               absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, DOUBLE_QUANT)
+        w = tl.reshape(value, (rows.shape[0], NB, BLOCKSIZE)) * absmax[:, :, None]
+        w = tl.reshape(w, (rows.shape[0], BLOCK_C))
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return tl.where(mask, value * absmax, 0.0)
+        w = value * _block_absmax(flat // BLOCKSIZE, mask, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                                  absmax_offset, DOUBLE_QUANT)
+    return tl.where(mask, w, 0.0)
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
@@ -88,7 +108,7 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
                 stride_xm, stride_xk, stride_am, stride_ar, stride_bn, stride_br, stride_ym, stride_yn,
                 HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IA3: tl.constexpr,
                 STORE_PRE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                PAIRED: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                PAIRED: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -112,7 +132,7 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
         a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                      rn, n_ok, k0, K, row_bytes, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, PAIRED)
+                      rn, n_ok, k0, K, row_bytes, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, PAIRED, ALIGNED)
         acc = dot(a, tl.trans(cast(w, dtype)), acc, IEEE)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
@@ -143,7 +163,8 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                M, N, K, R, M_BUCKET, row_bytes,
                stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
                HAS_LORA: tl.constexpr, HAS_IA3: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-               BLOCKSIZE: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCKSIZE: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_R: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dx[M, K] = (dy*ia3)[M, N] · deq(W)[N, K] + g[M, r] · A[r, K]; the tile grid runs over K, the
     reduction over N; BLOCK_N here is the reduction tile and BLOCK_K the output-column tile."""
@@ -171,7 +192,8 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
         if HAS_IA3:
             d = cast(d.to(tl.float32) * tl.load(ia3_ptr + nn, mask=n_ok, other=0.0).to(tl.float32)[None, :], dtype)
         w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                      nn, n_ok, pid_k * BLOCK_N, K, row_bytes, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, PAIRED)
+                      nn, n_ok, pid_k * BLOCK_N, K, row_bytes, BLOCK_N, BLOCKSIZE, DOUBLE_QUANT, PAIRED,
+                      ALIGNED)
         acc = dot(d, cast(w, dtype), acc, IEEE)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
@@ -254,6 +276,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 y.stride(0), y.stride(1),
                 HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_IA3=ia3 is not None,
                 STORE_PRE=store_pre, DOUBLE_QUANT=qweight.double_quant, BLOCKSIZE=qweight.blocksize, PAIRED=k % 2 == 0,
+                ALIGNED=k % qweight.blocksize == 0,
                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r),
             )
         ctx.qweight, ctx.scaling, ctx.lead, ctx.has_lora = qweight, scaling, lead, has_lora
@@ -310,7 +333,8 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                     a_cast.stride(0) if ctx.has_lora else 0, a_cast.stride(1) if ctx.has_lora else 0,
                     dx.stride(0), dx.stride(1),
                     HAS_LORA=ctx.has_lora, HAS_IA3=ia3 is not None, DOUBLE_QUANT=q.double_quant,
-                    BLOCKSIZE=q.blocksize, PAIRED=k % 2 == 0, IEEE=dtype == torch.float32, BLOCK_R=_block_r(r),
+                    BLOCKSIZE=q.blocksize, PAIRED=k % 2 == 0, ALIGNED=k % q.blocksize == 0,
+                    IEEE=dtype == torch.float32, BLOCK_R=_block_r(r),
                 )
             dx = dx.reshape(*ctx.lead, k)
         return dx, d_a, d_b, d_bias, d_ia3, None, None
