@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mtpeft.errors import UserError
+from mtpeft.trainer.faults import RunAborted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except RunAborted as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:

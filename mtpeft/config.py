@@ -76,7 +76,7 @@ class WeightingConfig:
     temperature: float = 2.0  # dwa
     alpha: float = 1.5  # gradnorm
     lr: float = 0.025  # learnable weights (softmax_learnable, uncertainty, famo, gradnorm)
-    gamma: float = 0.001  # famo's decay of its logits
+    gamma: float = 0.01  # famo's decay of its logits
 
 
 @dataclass

@@ -6,6 +6,7 @@ Every global step trains one task (the schedule), with the same examples whateve
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -16,17 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mtpeft.config import RunConfig, TaskConfig, dump_config
 from mtpeft.data.dist import DistContext
-from mtpeft.data.schedule import make_schedule
 from mtpeft.data.shard import TaskStream, micro_batch_indices
 from mtpeft.tasks.kinds import make_kind
 from mtpeft.tasks.loading import load_split
+from mtpeft.trainer import checkpoint
 from mtpeft.trainer.build import build_model, load_tokenizer, trainable_parameters
 from mtpeft.trainer.ds_config import build_ds_config
 from mtpeft.trainer.evaluate import evaluate, format_table, write_metrics
 from mtpeft.trainer.export import export
+from mtpeft.trainer.multitask_state import MultitaskState
+from mtpeft.trainer.faults import NonFiniteGuard, Preemption, StepVote, collective_failure
 from mtpeft.trainer.run_log import RunLog
 
 
@@ -56,7 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistContext:
+def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     """Join the launcher's process group, or make a one-process group when run without a launcher."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -67,7 +71,8 @@ def init_distributed() -> DistContext:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return DistContext.current()
@@ -111,15 +116,44 @@ def write_partition_report(model, ctx: DistContext, path: Path) -> None:
         path.write_text(json.dumps({"world_size": ctx.world, "ranks": ranks}, indent=2))
 
 
+def _resume(engine, ckpt_dir: Path, ctx: DistContext, mt: MultitaskState, run_dir: Path) -> int:
+    """Continue from ``checkpoints/latest`` if there is one; returns the first step to run."""
+    state = checkpoint.load(engine, ckpt_dir, ctx)
+    if state is None:
+        return 0
+    mt.load_state_dict(state["multitask"])
+    if ctx.is_main:
+        truncate_log(run_dir / "log.jsonl", state["step"])
+        print(f"resumed from {ckpt_dir / ('step%d' % state['step'])}", flush=True)
+    return state["step"]
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps a killed run ran past its last checkpoint (they will run again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _micro_batch(task: TaskRuntime, slot, micro: int, ctx: DistContext, tok, t) -> dict:
+    idx = micro_batch_indices(task.stream, slot.occurrence, micro, ctx.rank, t.micro_batch_size, t.grad_accum,
+                              ctx.world)
+    rows = [task.train_set[i] for i in idx]
+    return task.kind.collate([task.kind.encode(r, tok, t.max_seq_len) for r in rows], tok.pad_token_id)
+
+
 def train(cfg: RunConfig) -> Path:
     import deepspeed
-    from tqdm import tqdm
 
     tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.train.collective_timeout_s)
     run_dir = Path(cfg.output.dir)
+    ckpt_dir = run_dir / "checkpoints"
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     ds_config = build_ds_config(cfg, ctx.world)
     tok = load_tokenizer(cfg.model.name_or_path)
@@ -129,43 +163,92 @@ def train(cfg: RunConfig) -> Path:
                                                            config=ds_config, dist_init_required=False)
     write_partition_report(engine.module, ctx, run_dir / "partition.json")
     torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 7)  # dropout differs per rank, init did not
-    schedule = make_schedule(cfg.sampler.kind, [len(t.train_set) for t in tasks], cfg.train.seed)
-    log = RunLog(run_dir, ctx.is_main)
+    mt = MultitaskState(cfg, [t.name for t in tasks], [len(t.train_set) for t in tasks])
+    first_step = _resume(engine, ckpt_dir, ctx, mt, run_dir)
+    log = RunLog(run_dir, ctx.is_main, purge_step=first_step + 1 if first_step else None)
+    preemption = Preemption()
+    try:
+        _loop(engine, optimizer, tasks, mt, tok, cfg, ctx, log, first_step, preemption, run_dir)
+        if preemption.requested:
+            return run_dir
+        t = cfg.train
+        metrics = evaluate(engine.module, tasks, tok, ctx, t.max_seq_len, max(t.micro_batch_size, 16))
+        log.metrics(metrics, t.max_steps)
+        export(engine.module, cfg, run_dir / "export", ctx)
+        if ctx.is_main:
+            write_metrics(metrics, run_dir)
+            print(format_table(metrics), flush=True)
+            print(f"run directory: {run_dir}", flush=True)
+    finally:
+        preemption.restore()
+        log.close()
+    return run_dir
+
+
+def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx: DistContext, log: RunLog,
+          first_step: int, preemption: Preemption, run_dir: Path) -> None:
+    from tqdm import tqdm
+
     t = cfg.train
+    vote, guard = StepVote(ctx), NonFiniteGuard(t.max_bad_steps)
     eval_batch = max(t.micro_batch_size, 16)
-    bar = tqdm(range(t.max_steps), desc="train", disable=not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(range(first_step, t.max_steps), desc="train", disable=not ctx.is_main, dynamic_ncols=True,
+               initial=first_step, total=t.max_steps)
     for step in bar:
-        slot = schedule.slot(step)
+        slot = mt.schedule.slot(step)
         task = tasks[slot.task]
         lr = optimizer.param_groups[0]["lr"]
-        start, loss_sum, tokens = time.perf_counter(), 0.0, 0
-        for micro in range(t.grad_accum):
-            idx = micro_batch_indices(task.stream, slot.occurrence, micro, ctx.rank, t.micro_batch_size,
-                                      t.grad_accum, ctx.world)
-            rows = [task.train_set[i] for i in idx]
-            batch = task.kind.collate([task.kind.encode(r, tok, t.max_seq_len) for r in rows], tok.pad_token_id)
-            loss = engine(task.kind, task.name, batch, ctx)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
-            tokens += _tokens(batch)
-        loss_global = ctx.mean(loss_sum / t.grad_accum)
-        tokens_global = int(ctx.sum(tokens))
-        seconds = time.perf_counter() - start
-        log.step({"step": step + 1, "task": task.name, "loss": loss_global, "lr": lr,
-                  "tokens": tokens_global, "seconds": seconds})
+        start, loss_sum, tokens, bad, stop = time.perf_counter(), 0.0, 0, False, False
+        try:
+            for micro in range(t.grad_accum):
+                batch = _micro_batch(task, slot, micro, ctx, tok, t)
+                loss = engine(task.kind, task.name, batch, ctx)
+                bad_micro, stop = vote(NonFiniteGuard.is_bad(loss), preemption.requested)
+                tokens += _tokens(batch)
+                if bad_micro:  # every rank skips together: no rank waits in a collective alone
+                    bad = True
+                    continue
+                engine.backward(mt.weighting.weight(slot.task, loss, step))
+                if micro == t.grad_accum - 1 and mt.probing(step):
+                    mt.record_gradients(slot.task, engine.module)
+                engine.step()
+                loss_sum += float(loss.detach())
+            loss_global = ctx.mean(loss_sum / t.grad_accum) if not bad else float("nan")
+            tokens_global = int(ctx.sum(tokens))
+        except (RuntimeError, dist.DistError) as exc:
+            if ctx.world > 1 and _is_collective_error(exc):
+                raise collective_failure(step + 1, exc, t.collective_timeout_s) from None
+            raise
+        if bad:
+            guard.skipped(step + 1, task.name)
+        else:
+            guard.ok()
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                mt.weighting.observe_grad_norm(slot.task, float(norm))
+            mt.weighting.observe(slot.task, loss_global, step)
+        record = {"step": step + 1, "task": task.name, "loss": loss_global, "lr": lr, "tokens": tokens_global,
+                  "seconds": time.perf_counter() - start, "weights": mt.weights()}
+        if bad:
+            record.update({"skipped": True, "skipped_total": guard.total})
+        log.step(record)
         bar.set_postfix(task=task.name, loss=f"{loss_global:.3f}")
+        if mt.transfer_every and (step + 1) % mt.transfer_every == 0:
+            mt.finish_probe(step + 1, ctx, run_dir)
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
             log.metrics(evaluate(engine.module, tasks, tok, ctx, t.max_seq_len, eval_batch), step + 1)
-        if t.save_every and (step + 1) % t.save_every == 0:
-            engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{step + 1}")
+        if stop or (t.save_every and (step + 1) % t.save_every == 0):
+            tag = checkpoint.save(engine, run_dir / "checkpoints", step + 1, {"multitask": mt.state_dict()}, ctx,
+                                  t.keep_checkpoints)
+            if stop:
+                preemption.requested = True
+                if ctx.is_main:
+                    print(f"SIGTERM: saved {run_dir / 'checkpoints' / tag}; rerun the same command to resume", flush=True)
+                break
     bar.close()
-    metrics = evaluate(engine.module, tasks, tok, ctx, t.max_seq_len, eval_batch)
-    log.metrics(metrics, t.max_steps)
-    export(engine.module, cfg, run_dir / "export", ctx)
-    if ctx.is_main:
-        write_metrics(metrics, run_dir)
-        print(format_table(metrics), flush=True)
-        print(f"run directory: {run_dir}", flush=True)
-    log.close()
-    return run_dir
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "socket"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -18,7 +18,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._jsonl = open(run_dir / "log.jsonl", "a", encoding="utf-8")
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # on resume, events past the checkpoint (written before a crash) are purged
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def step(self, record: dict) -> None:
         if not self.enabled:
@@ -26,8 +27,11 @@ class RunLog:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         step = record["step"]
-        self._tb.add_scalar(f"loss/{record['task']}", record["loss"], step)
+        if not record.get("skipped"):
+            self._tb.add_scalar(f"loss/{record['task']}", record["loss"], step)
         self._tb.add_scalar("lr", record["lr"], step)
+        for task, weight in record.get("weights", {}).items():
+            self._tb.add_scalar(f"loss_weight/{task}", weight, step)
         self._tb.add_scalar("tokens_per_second", record["tokens"] / max(record["seconds"], 1e-9), step)
 
     def metrics(self, metrics: dict, step: int) -> None:
