@@ -70,9 +70,7 @@ class PrefixInput(InputModule):
     def fold(self, table: torch.Tensor) -> None:
         """Replace the MLP by its output (an exported prefix)."""
         self.transform = None
-        self.embedding = nn.Embedding(table.shape[0], table.shape[1])
-        with torch.no_grad():
-            self.embedding.weight.copy_(table)
+        self.embedding = nn.Embedding(table.shape[0], table.shape[1], _weight=table.detach().clone())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed: nn.Module,
                 decoder: bool) -> dict:

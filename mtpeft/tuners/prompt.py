@@ -31,9 +31,7 @@ class PromptInput(InputModule):
     def __init__(self, init: torch.Tensor):
         super().__init__()
         self.virtual = init.shape[0]
-        self.embedding = nn.Embedding(init.shape[0], init.shape[1])
-        with torch.no_grad():
-            self.embedding.weight.copy_(init)
+        self.embedding = nn.Embedding(init.shape[0], init.shape[1], _weight=init.clone())  # zero.Init-safe
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed: nn.Module,
                 decoder: bool) -> dict:
@@ -57,6 +55,7 @@ class PromptTuner(Tuner):
         with gathered([table]):
             rows = torch.randint(0, table.shape[0], (self.settings.num_virtual_tokens,))
             init = table.detach()[rows].float().clone()
+        self.token_dim = init.shape[1]  # the parameter's own shape is a ZeRO-3 partition later
         return PromptInput(init)
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -67,7 +66,7 @@ class PromptTuner(Tuner):
 
         cfg = model.backbone.config
         return PromptTuningConfig(num_virtual_tokens=self.settings.num_virtual_tokens,
-                                  token_dim=model.input_module.embedding.weight.shape[1],
+                                  token_dim=self.token_dim,
                                   num_transformer_submodules=1, num_attention_heads=cfg.num_attention_heads,
                                   num_layers=cfg.num_hidden_layers, prompt_tuning_init="RANDOM",
                                   task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path)
