@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Many nodes from one command: the deepspeed launcher reaches every host of HOSTFILE (pdsh over
+# passwordless ssh by default; --launcher openmpi|mvapich|slurm|mpich|impi hands that job to mpirun,
+# mpirun_rsh or srun instead).
+#
+#   launch/multi_node_pdsh.sh [launcher options] HOSTFILE CONFIG [mtpeft train options]
+#
+# Launcher options (passed to deepspeed): --launcher NAME, --launcher_args "ARGS", --master_addr A
+# (default: the first host), --master_port P (default 29500), --num_nodes M, --num_gpus G,
+# --include SPEC, --exclude SPEC, --ssh_port P.
+# Environment for the remote ranks: variables named in ./.deepspeed_env or ~/.deepspeed_env
+# (KEY=VALUE lines), plus NCCL_*, PYTHON*, MV2_*, UCX_* which deepspeed forwards by itself.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+DEEPSPEED=${DEEPSPEED:-deepspeed}
+launcher=pdsh
+ds_args=()
+while [[ $# -gt 0 && $1 == --* ]]; do
+  case $1 in
+    --launcher) launcher=$2; shift 2 ;;
+    --launcher_args|--master_addr|--master_port|--num_nodes|--num_gpus|--include|--exclude|--ssh_port)
+      [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+      ds_args+=("$1" "$2"); shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0" >&2; exit 2 ;;
+    *) echo "error: unknown launcher option $1 (put mtpeft train options after HOSTFILE CONFIG)" >&2; exit 2 ;;
+  esac
+done
+if [[ $# -lt 2 ]]; then
+  echo "error: usage: launch/multi_node_pdsh.sh [launcher options] HOSTFILE CONFIG [mtpeft train options]" >&2
+  exit 2
+fi
+HOSTFILE=$1
+CONFIG=$2
+shift 2
+
+"$PYTHON" -m mtpeft.launch.hostfile check "$HOSTFILE" >/dev/null
+case ${launcher,,} in
+  pdsh) command -v pdsh >/dev/null || { echo "error: pdsh not found on PATH; install pdsh or pass --launcher openmpi|slurm|mvapich" >&2; exit 2; } ;;
+  openmpi|mvapich|slurm|mpich|impi) ;;
+  *) echo "error: --launcher $launcher: expected pdsh, openmpi, mvapich, slurm, mpich or impi" >&2; exit 2 ;;
+esac
+if [[ " ${ds_args[*]} " != *" --master_addr "* ]]; then
+  ds_args+=(--master_addr "$("$PYTHON" -m mtpeft.launch.hostfile master "$HOSTFILE")")
+fi
+if [[ " ${ds_args[*]} " != *" --master_port "* ]]; then
+  ds_args+=(--master_port "${MASTER_PORT:-29500}")
+fi
+
+exec "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$launcher" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"
