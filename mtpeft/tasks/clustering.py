@@ -62,8 +62,7 @@ class Cluster:
             dist.all_gather(gathered, labels)
             labels_all = torch.cat(gathered)
             offset = ctx.rank * z.shape[0]
-        return supcon_sum(z, labels, z_all, labels_all, offset, self.temperature) * ctx.world \
-            / max(1, anchors_with_positive(labels_all))
+        return global_supcon(z, labels, z_all, labels_all, offset, ctx.world, self.temperature)
 
     @torch.no_grad()
     def predict(self, model, task: str, batch: dict) -> list:
@@ -74,6 +73,13 @@ class Cluster:
         labels = [int(e["label"]) for e in examples]
         return {"metric": self.metric, "value": map_at_r(torch.tensor(preds, dtype=torch.float64), labels),
                 "chance": chance_map_at_r(labels)}
+
+
+def global_supcon(z: torch.Tensor, labels: torch.Tensor, z_all: torch.Tensor, labels_all: torch.Tensor,
+                  offset: int, world: int, temperature: float) -> torch.Tensor:
+    """This rank's share of the global loss: world · Σ_local ℓ_i / (anchors with a positive, globally)."""
+    return supcon_sum(z, labels, z_all, labels_all, offset, temperature) * world \
+        / max(1, anchors_with_positive(labels_all))
 
 
 def anchors_with_positive(labels: torch.Tensor) -> int:
