@@ -204,3 +204,47 @@ def test_every_format_has_a_fixture():
     assert set(fixtures) == set(FORMATS)
     for name, file in fixtures.items():
         assert len(load_split(str(FIX / file), name)) > 0
+
+
+FIXTURE_FOR_FORMAT = {"bigclonebench_codexglue": "codexglue_clone/train.txt", "devign": "devign.json",
+                      "flaky": "flaky.json", "advtest": "advtest.jsonl", "conala": "conala.json",
+                      "codealpaca": "codealpaca.json"}
+
+
+def study_config(name: str):
+    """configs/NAME.yaml with every task's data pointed at the fixture in that task's format."""
+    import yaml
+
+    from mtpeft.config import from_dict
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for task in raw["tasks"]:
+        # the real data lives next to the config (configs/data/...), as the header comment says
+        assert task["train"].startswith("data/") and task["eval"].startswith("data/")
+        task["train"] = task["eval"] = str(FIX / FIXTURE_FOR_FORMAT[task["format"]])
+    return from_dict(raw, base_dir=path.parent, source=str(path))
+
+
+def test_analysis_config_is_the_code_analysis_study():
+    cfg = study_config("analysis")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-Coder-1.5B"  # a hub id: validated without a download
+    assert (cfg.peft.method, cfg.peft.bottleneck, cfg.sampler.kind) == ("serial_adapter", 64, "round_robin")
+    assert [(t.name, t.kind, t.format) for t in cfg.tasks] == [
+        ("clone", "pair_classify", "bigclonebench_codexglue"), ("defect", "classify", "devign"),
+        ("flaky", "classify", "flaky"), ("search", "retrieve", "advtest")]
+    assert (cfg.train.max_seq_len, cfg.train.lr, cfg.train.retrieval_temperature) == (512, 2e-4, 0.05)
+    for t in cfg.tasks:
+        assert len(load_split(t.train, t.format)) > 0
+
+
+def test_codegen_config_is_the_code_generation_study():
+    cfg = study_config("codegen")
+    assert cfg.model.name_or_path == "codellama/CodeLlama-7b-hf"
+    assert (cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout) == ("lora", 16, 32.0, 0.05)
+    assert set(cfg.peft.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert [(t.name, t.kind, t.format) for t in cfg.tasks] == [("conala", "generate", "conala"),
+                                                               ("codealpaca", "generate", "codealpaca")]
+    for t in cfg.tasks:
+        assert len(load_split(t.train, t.format)) > 0
+
