@@ -60,9 +60,11 @@ class NonFiniteGuard:
     def is_bad(loss: torch.Tensor) -> bool:
         return not math.isfinite(float(loss.detach()))
 
-    def skipped(self, step: int, task: str) -> None:
+    def skipped(self) -> None:
         self.in_a_row += 1
         self.total += 1
+
+    def check(self, step: int, task: str) -> None:
         if self.in_a_row >= self.max_in_a_row:
             raise RunAborted(f"step {step}: the loss of task {task!r} was not finite {self.in_a_row} steps in a row "
                              f"({self.total} skipped in all); lower train.lr or check the data, then resume "

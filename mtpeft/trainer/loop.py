@@ -90,14 +90,37 @@ def _lr_lambda(cfg: RunConfig):
 
 
 def _optimizer(model, cfg: RunConfig):
+    """AdamW with one group for the shared module and one per task head (see ``_freeze_inactive_heads``)."""
     head_lr = cfg.train.head_lr or cfg.train.lr
-    groups = [
-        {"params": [p for n, p in trainable_parameters(model) if not n.startswith("heads.")], "lr": cfg.train.lr},
-        {"params": [p for n, p in trainable_parameters(model) if n.startswith("heads.")], "lr": head_lr},
-    ]
+    trainable = trainable_parameters(model)
+    groups = [{"params": [p for n, p in trainable if not n.startswith("heads.")], "lr": cfg.train.lr}]
+    for task in model.heads:
+        groups.append({"params": [p for n, p in trainable if n.startswith(f"heads.{task}.")], "lr": head_lr,
+                       "task": task})
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+
+
+def _freeze_inactive_heads(engine, optimizer, active: str) -> None:
+    """Other tasks' heads must not move at this step.
+
+    ZeRO-3 keeps a parameter's last reduced gradient until that parameter is used again, so without
+    this a head would be pushed by its stale gradient at every step of every other task (and a
+    resumed run, which starts with empty buffers, would diverge from an uninterrupted one). Their
+    gradient partitions are zeroed and their group's lr is 0 for this step; the scheduler restores it.
+    """
+    from deepspeed.utils import safe_set_local_grad
+
+    for task, head in engine.module.heads.items():
+        if task == active:
+            continue
+        for p in head.parameters():
+            if hasattr(p, "ds_tensor"):
+                safe_set_local_grad(p, torch.zeros_like(p.ds_tensor, dtype=torch.float32))
+    for group in optimizer.param_groups:
+        if group.get("task") not in (None, active):
+            group["lr"] = 0.0
 
 
 def _tokens(batch: dict) -> int:
@@ -209,8 +232,10 @@ def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx
                     bad = True
                     continue
                 engine.backward(mt.weighting.weight(slot.task, loss, step))
-                if micro == t.grad_accum - 1 and mt.probing(step):
-                    mt.record_gradients(slot.task, engine.module)
+                if micro == t.grad_accum - 1:
+                    _freeze_inactive_heads(engine, optimizer, task.name)
+                    if mt.probing(step):
+                        mt.record_gradients(slot.task, engine.module)
                 engine.step()
                 loss_sum += float(loss.detach())
             loss_global = ctx.mean(loss_sum / t.grad_accum) if not bad else float("nan")
@@ -220,7 +245,7 @@ def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx
                 raise collective_failure(step + 1, exc, t.collective_timeout_s) from None
             raise
         if bad:
-            guard.skipped(step + 1, task.name)
+            guard.skipped()
         else:
             guard.ok()
             norm = engine.get_global_grad_norm()
@@ -232,6 +257,7 @@ def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx
         if bad:
             record.update({"skipped": True, "skipped_total": guard.total})
         log.step(record)
+        guard.check(step + 1, task.name)
         bar.set_postfix(task=task.name, loss=f"{loss_global:.3f}")
         if mt.transfer_every and (step + 1) % mt.transfer_every == 0:
             mt.finish_probe(step + 1, ctx, run_dir)
