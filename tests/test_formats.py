@@ -248,3 +248,25 @@ def test_codegen_config_is_the_code_generation_study():
     for t in cfg.tasks:
         assert len(load_split(t.train, t.format)) > 0
 
+
+
+def test_unreachable_hub_id_is_one_error_line():
+    # conftest sets HF_DATASETS_OFFLINE=1: the hub client fails, the user gets file-free advice
+    with pytest.raises(DataError, match=r"nobody/no-such-dataset:test: could not load hub dataset 'nobody/no-such-dataset'"):
+        load_split("nobody/no-such-dataset:test", "devign")
+
+
+def test_hub_dataset_rows_are_normalised_and_named(monkeypatch):
+    # what load_dataset returns for google/code_x_glue_cc_clone_detection_poj104 (labels are strings)
+    hub = datasets.Dataset.from_list([{"id": "0", "code": "int main(){}", "label": "5"},
+                                      {"id": "1", "code": "int main(){return 0;}", "label": "5"}])
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, split: calls.append((repo, split)) or hub)
+    got = rows("google/code_x_glue_cc_clone_detection_poj104:validation", "poj104")
+    assert calls == [("google/code_x_glue_cc_clone_detection_poj104", "validation")]
+    assert got == [{"text": "int main(){}", "label": 5, "positive": "int main(){return 0;}"},
+                   {"text": "int main(){return 0;}", "label": 5, "positive": "int main(){}"}]
+    bad = datasets.Dataset.from_list([{"code": "x", "label": "5"}, {"code": "y", "label": "five"}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, split: bad)
+    with pytest.raises(DataError, match=r"owner/poj:train row 1: field 'label' must be an integer class id"):
+        load_split("owner/poj:train", "poj104")

@@ -189,7 +189,7 @@ def test_program_synthesis_sampling_is_seeded_and_leaves_the_rng_alone(setup):
     assert kind.predict(model, "apps", batch) == first
     assert len(first) == 2 and all(len(s) == ps.SAMPLES and all(isinstance(x, str) for x in s) for s in first)
     # the uncached sampler (prompt/prefix tuners) draws SAMPLES continuations per prompt too
-    new = kind._sample_uncached(model, "apps", batch["prompt_ids"], batch["prompt_mask"], synced=False)
+    new = kind._sample_uncached(model, "apps", batch["prompt_ids"], batch["prompt_attention"], synced=False)
     assert new.shape[0] == 2 * ps.SAMPLES and new.shape[1] <= kind.max_new_tokens
 
 

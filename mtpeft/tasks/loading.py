@@ -61,8 +61,9 @@ def load_split(path: str, format_name: str, max_examples: int = 0) -> datasets.D
     elif local.exists():
         raise DataError(f"{path}: unsupported file type {local.suffix!r}; use .json, .jsonl or .parquet")
     else:
-        records = _hub_records(path)
-        stamp = f"hub:{path}"
+        raw = _hub_dataset(path)
+        records = ((f"{path} row {i}", row) for i, row in enumerate(raw))
+        stamp = f"hub:{path}:{getattr(raw, '_fingerprint', '')}"  # a new hub revision is a new fingerprint
     ds = _materialise(records, fmt, path, max_examples, stamp)
     if fmt.kind == "cluster":
         ds = add_positive_partners(ds)
@@ -121,15 +122,13 @@ def _parquet_records(path: str):
             i += 1
 
 
-def _hub_records(path: str):
+def _hub_dataset(path: str) -> datasets.Dataset:
     repo, _, split = path.partition(":")
     try:
-        raw = datasets.load_dataset(repo, split=split or "train")
+        return datasets.load_dataset(repo, split=split or "train")
     except Exception as exc:  # the hub client raises many types; the user needs one line
         raise DataError(f"{path}: could not load hub dataset {repo!r} ({type(exc).__name__}); "
                         "check the id, or download it and point to the local file") from None
-    for i, row in enumerate(raw):
-        yield f"{path} row {i}", row
 
 
 def _codexglue_pairs(pairs_path: str, functions_path: str):

@@ -62,7 +62,8 @@ class ProgramSynthesis:
         for i, it in enumerate(items):  # left padding: new tokens line up at the right edge
             ids[i, width - len(it["prompt"]):] = torch.tensor(it["prompt"])
             mask[i, width - len(it["prompt"]):] = 1
-        batch["prompt_ids"], batch["prompt_mask"] = ids, mask
+        # not "*_mask": the trainer counts tokens over the mask keys, and these are eval-only
+        batch["prompt_ids"], batch["prompt_attention"] = ids, mask
         batch["seed"] = zlib.crc32("\n".join(it["problem_id"] for it in items).encode()) ^ self.seed
         return batch
 
@@ -77,7 +78,8 @@ class ProgramSynthesis:
         if self.tok is None:
             raise RuntimeError("ProgramSynthesis.predict before encode: the tokenizer is not known yet")
         tok = self.tok
-        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+        device = model.backbone.get_input_embeddings().weight.device
+        ids, mask = batch["prompt_ids"].to(device), batch["prompt_attention"].to(device)
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
@@ -91,7 +93,7 @@ class ProgramSynthesis:
                     top_k=0, num_return_sequences=self.samples, max_new_tokens=self.max_new_tokens,
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=synced)
                 new = out[:, ids.shape[1]:]
-        texts = [extract_program(tok.decode(row, skip_special_tokens=True)) for row in new.cpu()]
+        texts = [extract_program(tok.decode(row.tolist(), skip_special_tokens=True)) for row in new.cpu()]
         return [texts[i * self.samples:(i + 1) * self.samples] for i in range(ids.shape[0])]
 
     def _sample_uncached(self, model, task, ids, mask, synced: bool) -> torch.Tensor:
@@ -104,7 +106,7 @@ class ProgramSynthesis:
         for _ in range(self.max_new_tokens):
             logits = model.lm_logits(ids, mask, task=task)[:, -1].float().cpu() / TEMPERATURE
             nxt = torch.multinomial(nucleus(logits.softmax(-1), TOP_P), 1).squeeze(1)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)  # finished rows only pad
             new.append(nxt)
             done |= nxt == tok.eos_token_id
             ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
