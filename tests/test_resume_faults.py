@@ -112,3 +112,34 @@ def test_non_finite_losses_skip_steps_then_stop_with_one_error_line(tmp_path):
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     skipped = [r for r in rows if r.get("skipped")]
     assert len(skipped) == 2 and skipped[-1]["step"] == rows[-1]["step"]
+
+
+def test_dead_peer_ends_the_run_with_an_error_naming_the_step(tmp_path):
+    """Two ranks started by hand (as a per-node launcher would); rank 1 is killed mid-run: rank 0
+    must stop with one error line naming the step instead of hanging."""
+    from distributed import free_port
+
+    cfg = tiny_config(tmp_path, max_steps=400, collective_timeout_s=30)
+    out = tmp_path / "peer"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        e = env()
+        e.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": port})
+        procs.append(subprocess.Popen(_cmd(cfg, out), env=e, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    log = out / "log.jsonl"
+    try:
+        _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, procs[0])
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 3, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "a collective operation failed" in errors[0], err[-3000:]
+    step = int(errors[0].split("step ")[1].split(":")[0])
+    assert step > 3
