@@ -30,6 +30,14 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.zero_shot:
+        from mtpeft.tasks.zero_shot import run as run_zero_shot
+
+        if not args.tasks:
+            raise UserError("--zero-shot needs --tasks CONFIG (a RunConfig YAML whose tasks are used)")
+        return run_zero_shot(args)
+    if not args.run_dir:
+        raise UserError("eval needs RUN_DIR (a finished run's output.dir), or --zero-shot MODEL --tasks CONFIG")
     from mtpeft.data.dist import DistContext
     from mtpeft.run_dir import load_trained_model
     from mtpeft.trainer.build import load_tokenizer
@@ -57,14 +65,36 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _cmd_plan(args) -> int:
-    from mtpeft.profile.plan_cli import run
+def _delegate(module: str):
+    """A subcommand whose arguments and body live in ``module`` (``add_arguments`` / ``run``)."""
 
-    return run(args)
+    def call(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).run(args)
+
+    return call
+
+
+def _add_delegated(sub, name: str, module: str, help_text: str) -> None:
+    import importlib
+
+    p = sub.add_parser(name, help=help_text)
+    importlib.import_module(module).add_arguments(p)
+    p.set_defaults(func=_delegate(module))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are bad input too: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtpeft", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mtpeft", description="Multitask parameter-efficient fine-tuning of code LLMs on "
+                                                "DeepSpeed ZeRO-3, with a 4-bit NF4 base and fused Triton kernels.")
     # the deepspeed launcher prepends --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,9 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("eval", help="recompute RUN_DIR/metrics.json from a run's exported weights")
-    p.add_argument("run_dir")
+    p = sub.add_parser("eval", help="recompute RUN_DIR/metrics.json from a run's exported weights, "
+                                    "or prompt an untrained model zero-shot (--zero-shot MODEL --tasks CONFIG)")
+    p.add_argument("run_dir", nargs="?")
     p.add_argument("--source", choices=("export", "checkpoint"), default="export")
+    from mtpeft.tasks.zero_shot import add_arguments as zero_shot_arguments
+
+    zero_shot_arguments(p)
+    for action in p._actions:
+        if action.dest in ("zero_shot", "tasks"):
+            action.required = False
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export a run's adapter (HF peft format) and task heads")
@@ -93,14 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("export", "checkpoint"), default="checkpoint")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("plan", help="predict per-GPU memory of a QLoRA/PEFT fine-tune and search what fits")
+    _add_delegated(sub, "plan", "mtpeft.profile.plan_cli",
+                   "predict per-GPU memory of a QLoRA/PEFT fine-tune and search what fits")
+    _add_delegated(sub, "profile", "mtpeft.profile.profile_cli",
+                   "run real steps; measured time, tokens/s, memory, FLOPs, MFU, comm bytes beside the plan")
     try:
-        from mtpeft.profile.plan_cli import add_arguments
-
-        add_arguments(p)
+        _add_delegated(sub, "compare", "mtpeft.profile.compare_cli",
+                       "multitask run vs one single-task run per task with the same budget")
     except ImportError:
         pass
-    p.set_defaults(func=_cmd_plan)
     return parser
 
 
