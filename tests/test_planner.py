@@ -308,3 +308,81 @@ def test_whole_model_saved_bytes_without_checkpointing():
     predicted = arch.num_layers * _layer_saved_bytes(arch, s, b, L) + (4 * T * 64 + 4 * T) + 4 * T * 300
     assert predicted == pytest.approx(sum(saved.values()), rel=0.03)
     assert predicted >= sum(saved.values())
+
+
+class _LiveBytes:
+    """Bytes of tensor storages created during a training step and still alive, and their peak:
+    a CPU stand-in for ``torch.cuda.max_memory_allocated`` minus the memory held before the step."""
+
+    def __init__(self, preexisting: set):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker.track(t.untyped_storage())
+                return out
+
+        self.mode, self.pre, self.alive, self.current, self.peak = Mode(), preexisting, set(), 0, 0
+
+    def track(self, storage) -> None:
+        import weakref
+
+        key, n = storage.data_ptr(), storage.nbytes()
+        if n == 0 or key in self.alive or key in self.pre:
+            return
+        self.alive.add(key)
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self.release, key, n)
+
+    def release(self, key: int, n: int) -> None:
+        self.alive.discard(key)
+        self.current -= n
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_step_peak_matches_live_storage_trace(checkpointing):
+    """Whole training step (bf16 autocast, fp32 LoRA, AdamW, HF loss): the predicted activation +
+    logits peak against the peak of live storages created during the step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtpeft.tuners.lora import LoraSettings, inject_lora
+
+    H, V, L, b = 64, 300, 64, 2
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=V, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    arch = count_architecture(model, "tiny")
+    model.requires_grad_(False)
+    inject_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0))
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(lora, lr=1e-4, foreach=False)
+    ids = torch.randint(0, V, (b, L))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()  # Adam states and grads exist before the measured step, as in the plan's model states
+    held = [*model.parameters(), *model.buffers(), ids, *(p.grad for p in lora)]
+    held += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    live = _LiveBytes({t.untyped_storage().data_ptr() for t in held})
+    with live.mode:
+        step()
+    s = PlanSettings(seq=L, micro_batch=b, peft=PeftSpec("lora", {"dropout": 0.0}), quant="none",
+                     checkpointing=checkpointing)
+    predicted = plan(arch, s)["breakdown"]
+    assert live.current == 0
+    assert predicted["activations"] + predicted["logits_loss"] == pytest.approx(live.peak, rel=0.05)

@@ -37,11 +37,14 @@ dequantizes again in backward) makes autograd keep the bf16 weight: ``saves_dequ
 adds the block's linears at 2 bytes per element.
 With gradient checkpointing each block keeps only its input ``2·T·h``; the block being
 back-propagated is recomputed, so the peak holds all block inputs + one block's saved tensors +
-the backward workspace (the residual gradient and the MLP gradients in flight, ``4·T·h + 6·T·I``).
-Logits: bf16 logits ``2·T·V`` (returned to the caller), their fp32 upcast ``4·T·V`` and the saved
-log-softmax ``4·T·V``; at the end of the forward all three are alive, during the block backward
-only the bf16 logits. With ``logits_chunk = c`` tokens the fp32 part is ``8·c·V`` and no logits
-are returned. The peak is the larger of the forward end and the first block backward.
+the backward workspace (gradients in flight: two of the hidden size, two of the intermediate size,
+``4·T·h + 4·T·I``, read off a live-storage trace of a CPU step).
+Logits: bf16 logits ``2·T·V`` (returned to the caller, alive until the step ends), the saved fp32
+log-softmax ``4·T·V``, and in the loss backward the nll gradient and the log-softmax gradient,
+``4·T·V`` each: ``14·T·V`` at that moment (the fp32 upcast ``4·T·V`` of the forward is freed by
+then); during the block backward only the bf16 logits remain. With ``logits_chunk = c`` tokens
+the fp32 part is ``8·c·V`` and no logits are returned. The peak is the larger of the loss backward
+and the first block backward.
 
 Engine: ``auto`` plans plain PyTorch for one GPU without offload, DeepSpeed ZeRO-3 otherwise.
 ZeRO-3 buffers (DeepSpeed engine only): the largest module gathered whole (a block's
@@ -273,21 +276,21 @@ def activation_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:
     L = s.seq + (s.peft.get("n") if s.peft.method == "prompt" else 0)
     T, h, I, V = b * L, arch.hidden_size, arch.intermediate_size, arch.vocab_size
     layer = _layer_saved_bytes(arch, s, b, L)
-    workspace = 4 * T * h + 6 * T * I
+    workspace = 4 * T * h + 4 * T * I
     final_norm = 4 * T * h + 4 * T
     stored_ckpt = arch.num_layers * 2 * T * h + layer
     stored_full = arch.num_layers * layer
     if s.logits_chunk:
         c = min(s.logits_chunk, T)
-        logits_fwd, logits_bwd = 8 * c * V, 8 * c * V
+        logits_loss, logits_bwd = 8 * c * V, 8 * c * V
     else:
-        logits_fwd, logits_bwd = 10 * T * V, 2 * T * V
+        logits_loss, logits_bwd = 14 * T * V, 2 * T * V
     stored = stored_ckpt if s.checkpointing else stored_full
     ckpt_inputs = arch.num_layers * 2 * T * h if s.checkpointing else stored_full
-    fwd_end = ckpt_inputs + final_norm + logits_fwd
+    loss_bwd = ckpt_inputs + final_norm + logits_loss
     bwd = stored + workspace + final_norm + logits_bwd
-    if fwd_end >= bwd:
-        acts, logits = ckpt_inputs + final_norm, logits_fwd
+    if loss_bwd >= bwd:
+        acts, logits = ckpt_inputs + final_norm, logits_loss
     else:
         acts, logits = stored + workspace + final_norm, logits_bwd
     return {
