@@ -230,3 +230,63 @@ def test_kinds_are_registered_and_checked_against_formats():
                       "train": str(FIX / "poj104.jsonl"), "eval": str(FIX / "poj104.jsonl")}]}
     with pytest.raises(ConfigError, match="format poj104 gives cluster examples, but kind is retrieve"):
         from_dict(raw)
+
+
+# ---- cluster loss across 2 real processes (gloo): the all-gather path of contract 2 -------------
+
+class TinyEmbedder(torch.nn.Module):
+    """Stands in for MultitaskModel.embed: mean-pooled embeddings, L2-normalised."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(40, 8)
+
+    def embed(self, task, ids, mask):
+        m = mask.unsqueeze(-1).float()
+        return torch.nn.functional.normalize((self.emb(ids) * m).sum(1) / m.sum(1), dim=-1)
+
+
+def cluster_items():
+    g = torch.Generator().manual_seed(1)
+    labels = [0, 1, 0, 2, 1, 3, 2, 0]
+    return [{"ids": torch.randint(1, 40, (int(n),), generator=g).tolist(),
+             "pos": torch.randint(1, 40, (int(m),), generator=g).tolist(), "label": y}
+            for n, m, y in zip(torch.randint(2, 7, (8,), generator=g), torch.randint(2, 7, (8,), generator=g), labels)]
+
+
+def _cluster_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, kind = TinyEmbedder(), Cluster(temperature=0.1)
+    items = cluster_items()
+    per = len(items) // world
+    loss = kind.loss(model, "t", kind.collate(items[rank * per:(rank + 1) * per], 0), DistContext(rank, world))
+    loss.backward()
+    grad = model.emb.weight.grad
+    dist.all_reduce(grad)  # data parallelism: the mean of the ranks' gradients
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    if rank == 0:
+        torch.save({"loss": value / world, "grad": grad / world}, out)
+    dist.destroy_process_group()
+
+
+def test_cluster_loss_and_gradient_are_the_same_on_two_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "two_ranks.pt")
+    # fork: the children need nothing re-imported (spawn would re-import transformers: ~20 s on 2 cores)
+    mp.start_processes(_cluster_rank, args=(2, port, out), nprocs=2, join=True, start_method="fork")
+    two = torch.load(out)
+    model, kind = TinyEmbedder(), Cluster(temperature=0.1)
+    loss = kind.loss(model, "t", kind.collate(cluster_items(), 0), DistContext(0, 1))
+    loss.backward()
+    assert float(two["loss"]) == pytest.approx(float(loss.detach()), rel=1e-5)
+    torch.testing.assert_close(two["grad"], model.emb.weight.grad, rtol=1e-4, atol=1e-6)
