@@ -40,10 +40,6 @@ def _batch(vocab: int):
 def test_method_on_family(family, method):
     backbone = tiny_backbone(family)
     ids, mask = _batch(backbone.config.vocab_size)
-    if method == "prefix" and family == "t5":
-        with pytest.raises(ConfigError, match="prompt"):
-            assemble(backbone, _cfg(method))
-        return
     with torch.no_grad():
         before = mean_pool(backbone.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
     frozen = {id(p) for p in backbone.parameters()}
@@ -150,3 +146,52 @@ def test_defaults_follow_the_studies():
     p = PeftConfig()
     assert (p.r, p.alpha, p.dropout, p.bottleneck, p.num_virtual_tokens) == (16, 32.0, 0.05, 64, 20)
     assert math.isclose(p.alpha / p.r, 2.0)
+
+
+def test_t5_prefix_attention_against_float64():
+    """T5's encoder stack drops past_key_values: the wrapped self-attention must see the prefix keys
+    and values, with T5's relative-position bias placing them just before the input."""
+    model = assemble(tiny_backbone("t5"), _cfg("prefix")).eval()
+    ids, mask = _batch(model.backbone.config.vocab_size)
+    kwargs, _ = model.backbone_inputs(ids, mask)
+    cache = model.input_module.carrier.cache
+    pk, pv = cache.layers[0].keys.detach().double(), cache.layers[0].values.detach().double()
+    block = model.backbone.encoder.block[0].layer[0]
+    attn = block.SelfAttention.attention
+    x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(6))
+    h = _f64(block.layer_norm(x))
+    b, t, p, heads = 3, 9, pk.shape[2], 4
+
+    def split(z):
+        return z.view(b, t, heads, 8).transpose(1, 2)
+
+    q, k, v = (split(h @ _f64(lin.weight).T) for lin in (attn.q, attn.k, attn.v))
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    bias = attn.compute_bias(t, p + t, past_seen_tokens=p).double()
+    keep = torch.cat([torch.ones(b, p), mask.double()], dim=1)[:, None, None, :]
+    scores = q @ k.transpose(2, 3) + bias + (1 - keep) * -1e9
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 32) @ _f64(attn.o.weight).T
+    with torch.no_grad():
+        model.input_module(ids, mask, model.backbone.get_input_embeddings(), False)  # fill the carrier
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask4 = create_bidirectional_mask(config=model.backbone.config, inputs_embeds=x, attention_mask=mask)
+        got = block.SelfAttention(block.layer_norm(x), mask=mask4)[0]
+    assert (got.double() - out).abs().max().item() <= 1e-5
+
+
+def test_t5_prefix_export_reloads_through_mtpeft(tmp_path):
+    from mtpeft.data.dist import DistContext
+    from mtpeft.trainer.export import export, load_export
+
+    cfg = _cfg("prefix", prefix_projection=True, prefix_hidden=8)
+    model = assemble(tiny_backbone("t5"), cfg).eval()
+    _perturbed(model)
+    out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
+    assert not (out / "adapter_config.json").exists()  # HF peft would silently drop a T5 encoder prefix
+    fresh = assemble(tiny_backbone("t5"), _cfg("prefix", prefix_projection=True, prefix_hidden=8)).eval()
+    load_export(fresh, out)
+    ids, mask = _batch(model.backbone.config.vocab_size)
+    with torch.no_grad():
+        assert (fresh.classify("defect", ids, mask) - model.classify("defect", ids, mask)).abs().max() <= 1e-5
+        assert (fresh.pooled(ids, mask) - model.pooled(ids, mask)).abs().max() <= 1e-5

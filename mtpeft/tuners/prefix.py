@@ -3,7 +3,10 @@
 
 The prefix reaches the backbone as ``past_key_values``: a transformers ``DynamicCache`` filled with
 one (key, value) pair per layer, with the attention mask extended by ones, so Llama, Qwen2 and
-RoBERTa-style attention take it unchanged. Grouped-query models get prefixes for their key/value
+RoBERTa-style attention take it unchanged. A T5 encoder stack drops ``past_key_values``, so there
+each self-attention is wrapped to receive the same cache directly (its relative-position bias then
+places the prefix just before the input, and the mask is widened to see it); HF peft silently skips
+the prefix on a T5 encoder, so that export is mtpeft's own. Grouped-query models get prefixes for their key/value
 heads only (HF peft does the same). The hidden states hold only the real tokens, so pooling is
 unchanged. Exported as HF peft's PREFIX_TUNING; with the MLP, the export holds its output (as HF
 peft saves it), and reloading gives the MLP-free table.
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from mtpeft.errors import ConfigError
 from mtpeft.tuners.base import InputModule, Tuner, peft_task_type
-from mtpeft.tuners.family import T5_TYPES
+from mtpeft.tuners.family import T5_TYPES, replace_module
 from mtpeft.tuners.prompt import decoder_positions
 
 
@@ -31,15 +34,39 @@ class PrefixSettings:
 
 
 def kv_layout(cfg) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder or BERT-style config."""
+    """(layers, key/value heads, head dim) of a decoder, BERT-style or T5 config."""
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+class PrefixCarrier:
+    """Hands the prefix cache of the current forward to T5 self-attentions (see T5PrefixAttention)."""
+
+    cache = None
+    tokens = 0
+
+
+class T5PrefixAttention(nn.Module):
+    def __init__(self, attention: nn.Module, carrier: PrefixCarrier):
+        super().__init__()
+        self.attention = attention
+        self.carrier = carrier
+
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None,
+                **kwargs):
+        cache, p = self.carrier.cache, self.carrier.tokens
+        if cache is not None and mask is not None:
+            see = mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())
+            mask = torch.cat([see.expand(*mask.shape[:-1], p), mask], dim=-1)
+        return self.attention(hidden_states, mask=mask, key_value_states=key_value_states, position_bias=position_bias,
+                              past_key_values=cache if cache is not None else past_key_values, **kwargs)
 
 
 class PrefixInput(InputModule):
     virtual = 0
+    carrier = None  # set for T5 encoders
 
     def __init__(self, tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
         super().__init__()
@@ -81,8 +108,11 @@ class PrefixInput(InputModule):
         kv = kv.view(1, self.tokens, self.layers * 2, self.kv_heads, self.head_dim).expand(b, -1, -1, -1, -1)
         pairs = kv.permute(2, 0, 3, 1, 4).split(2)  # per layer: [2, B, heads, P, head_dim]
         mask = torch.cat([attention_mask.new_ones(b, self.tokens), attention_mask], dim=1)
-        out = {"input_ids": input_ids, "attention_mask": mask,
-               "past_key_values": DynamicCache([(p[0], p[1]) for p in pairs])}
+        cache = DynamicCache([(p[0], p[1]) for p in pairs])
+        if self.carrier is not None:
+            self.carrier.cache, self.carrier.tokens = cache, self.tokens
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        out = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
         if decoder:
             out["position_ids"] = decoder_positions(attention_mask, offset=self.tokens)
         return out
@@ -93,9 +123,6 @@ class PrefixTuner(Tuner):
     hf_peft = True
 
     def check(self, model_config, gradient_checkpointing: bool) -> None:
-        if getattr(model_config, "model_type", "") in T5_TYPES:
-            raise ConfigError("peft.method prefix: a T5 encoder takes no past key/values, so it cannot carry "
-                              "a prefix; use peft.method: prompt (virtual tokens) with this backbone")
         if gradient_checkpointing:
             raise ConfigError("peft.method prefix needs model.gradient_checkpointing: false (transformers drops "
                               "past_key_values, which carry the prefix, in checkpointed layers)")
@@ -103,7 +130,14 @@ class PrefixTuner(Tuner):
     def inject(self, backbone: nn.Module) -> PrefixInput:
         s: PrefixSettings = self.settings
         self.layout = kv_layout(backbone.config)
-        return PrefixInput(s.num_virtual_tokens, *self.layout, s.projection, s.hidden)
+        module = PrefixInput(s.num_virtual_tokens, *self.layout, s.projection, s.hidden)
+        if backbone.config.model_type in T5_TYPES:
+            self.hf_peft = False
+            module.carrier = PrefixCarrier()
+            for name, m in list(backbone.named_modules()):
+                if name.endswith("SelfAttention") and not isinstance(m, T5PrefixAttention):
+                    replace_module(backbone, name, T5PrefixAttention(m, module.carrier))
+        return module
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {f"prefix.{n}": p for n, p in model.input_module.named_parameters()}
@@ -119,6 +153,8 @@ class PrefixTuner(Tuner):
         model.input_module.fold(tensors["prompt_embeddings"].float())
 
     def peft_config(self, model: nn.Module, base_model_name_or_path: str):
+        if not self.hf_peft:
+            return None
         from peft import PrefixTuningConfig
 
         layers, kv_heads, head_dim = self.layout
