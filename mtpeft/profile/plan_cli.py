@@ -73,8 +73,10 @@ def _table(result: Dict[str, Any], notes: Dict[str, Any]) -> str:
         if result[key]:
             lines.append(f"{key.replace('_', ' ')}: {result[key] / GIB:.3f} GiB")
     for key, value in notes.items():
-        lines.append(f"search: largest {key} that fits = {value}" if key != "offload"
-                     else f"search: least offload that fits = {value}")
+        if key == "offload":
+            lines.append(f"search: least offload that fits = {value}")
+        else:
+            lines.append(f"search: largest {key} that fits = {value if value else 'none (even the smallest does not)'}")
     lines.append(f"fits in {s['gpu_mem_gib']:g} GiB: {'yes' if result['fits'] else 'no'}")
     return "\n".join(lines)
 
