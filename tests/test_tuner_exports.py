@@ -61,7 +61,7 @@ def test_hf_peft_loads_export_and_reproduces(tmp_path, method, extra):
     assert (theirs - plain).abs().max().item() > 1e-2  # the adapter is not a no-op
 
 
-@pytest.mark.parametrize("method", ["serial_adapter", "parallel_adapter", "mtl_lora", "prefix_mlp", "prompt"])
+@pytest.mark.parametrize("method", ["serial_adapter", "parallel_adapter", "mtl_lora", "prefix_mlp"])
 def test_mtpeft_reloads_export_and_reproduces(tmp_path, method):
     extra = ("peft.prefix_projection=true", "peft.prefix_hidden=16") if method == "prefix_mlp" else ()
     cfg, model = _trained_like(tmp_path, method.replace("prefix_mlp", "prefix"), *extra)

@@ -10,6 +10,7 @@ the trained model's outputs on ``probe_batch()`` to OUT_DIR/<method>.pt for the 
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,7 +69,9 @@ def main() -> None:
                                    f"train.lr={LR.get(method, 1e-2)}", "peft.num_virtual_tokens=8",
                                    "peft.bottleneck=16", "peft.r=8",
                                    *[f"tasks.{i}.max_eval_examples=4" for i in range(4)]])
+        start = time.perf_counter()
         run_dir = loop.train(cfg)
+        seconds = time.perf_counter() - start
         model, before = _built["model"], _built["before"]
         after = _measure(model, cfg)
         moved = max((after["tensors"][k] - v).abs().max().item() for k, v in before["tensors"].items())
@@ -81,7 +84,7 @@ def main() -> None:
             torch.save(outputs, out / f"{method}.pt")
             (out / f"{method}.json").write_text(json.dumps({"run_dir": str(run_dir), "moved": moved,
                                                             "loss_before": before["losses"],
-                                                            "loss_after": after["losses"]}))
+                                                            "loss_after": after["losses"], "seconds": seconds}))
 
 
 if __name__ == "__main__":
