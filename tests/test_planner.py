@@ -195,7 +195,8 @@ def test_layer_activation_bytes_equal_what_autograd_saves(attention, dropout):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         inner.layers[1](x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
     # On CPU dropout keeps a bf16 noise tensor (2 bytes) where CUDA keeps a bool mask.
-    s = PlanSettings(peft=PeftSpec("lora", {"dropout": dropout}), attention=attention, dropout_mask_bytes=2)
+    s = PlanSettings(peft=PeftSpec("lora", {"dropout": dropout}), attention=attention, dropout_mask_bytes=2,
+                     quant="none")
     assert _layer_saved_bytes(arch, s, b, L) == sum(saved.values())
 
 
@@ -303,7 +304,8 @@ def test_whole_model_saved_bytes_without_checkpointing():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids)
-    s = PlanSettings(peft=PeftSpec("lora", {"dropout": 0.0}), seq=L, micro_batch=b, checkpointing=False)
+    s = PlanSettings(peft=PeftSpec("lora", {"dropout": 0.0}), seq=L, micro_batch=b, checkpointing=False,
+                     quant="none")
     T = b * L
     predicted = arch.num_layers * _layer_saved_bytes(arch, s, b, L) + (4 * T * 64 + 4 * T) + 4 * T * 300
     assert predicted == pytest.approx(sum(saved.values()), rel=0.03)
@@ -386,3 +388,23 @@ def test_step_peak_matches_live_storage_trace(checkpointing):
     predicted = plan(arch, s)["breakdown"]
     assert live.current == 0
     assert predicted["activations"] + predicted["logits_loss"] == pytest.approx(live.peak, rel=0.05)
+
+
+def test_dequantized_weight_is_saved_only_off_the_fused_path():
+    """mtpeft's NF4 LoRA runs the fused kernel only without dropout; elsewhere QuantLinear.forward
+    hands F.linear a dequantized weight, which autograd keeps (checked on the real module)."""
+    quant = pytest.importorskip("mtpeft.quant.linear")
+    q = quant.QuantLinear.from_linear(nn.Linear(128, 64, bias=False).to(torch.bfloat16))
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        q(x)
+    assert 128 * 64 in saved
+    arch = load_architecture("codellama-7b")
+    fused = plan(arch, PlanSettings(peft=parse_peft("lora")))
+    unfused = plan(arch, PlanSettings(peft=parse_peft("lora:dropout=0.05")))
+    assert fused["settings"]["peft_options"]["dropout"] == 0.0 and not fused["settings"]["saves_dequantized_weight"]
+    assert unfused["settings"]["saves_dequantized_weight"]
+    extra = unfused["activations_checkpointing_bytes"] - fused["activations_checkpointing_bytes"]
+    dropout_copies = (2 + 1) * 2048 * sum(sl.in_features for sl in arch.block_linears)
+    assert extra == 2 * arch.block_linear_params + dropout_copies - 2 * 2048 * (4096 + 4096 + 11008)

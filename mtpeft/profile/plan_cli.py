@@ -65,6 +65,9 @@ def _table(result: Dict[str, Any], notes: Dict[str, Any]) -> str:
     lines.append(f"  {'total (with margin)':<24}{result['per_gpu_bytes'] / GIB:>10.3f}")
     lines.append(f"  {'predicted peak allocated':<24}{result['predicted_peak_gib']:>10.3f}")
     lines.append(f"trainable: {trained}, partitioned over {result['world_size']} rank(s)")
+    if s["saves_dequantized_weight"]:
+        lines.append("note: off the fused NF4+LoRA path (LoRA dropout > 0 or another method), "
+                     "QuantLinear keeps each dequantized bf16 weight for backward (counted in activations)")
     lines.append(
         f"activations: {result['activations_checkpointing_bytes'] / GIB:.3f} GiB with checkpointing, "
         f"{result['activations_no_checkpointing_bytes'] / GIB:.3f} GiB without"

@@ -77,7 +77,7 @@ _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                  "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 PEFT_METHODS = ("lora", "ia3", "prompt", "prefix", "serial_adapter", "parallel_adapter")
 _PEFT_DEFAULTS = {
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all"},
+    "lora": {"r": 16, "alpha": 32, "dropout": None, "targets": "all"},
     "ia3": {},
     "prompt": {"n": 20},
     "prefix": {"n": 10},
@@ -183,7 +183,21 @@ class PlanSettings:
     engine: str = "auto"
     allocator_margin: float = 0.10
     dropout_mask_bytes: int = 1
-    saves_dequantized_weight: bool = False
+    saves_dequantized_weight: Optional[bool] = None
+
+
+def lora_dropout(s: PlanSettings) -> float:
+    """Unset: 0 on an NF4 base (the fused NF4+LoRA kernel has no dropout), 0.05 otherwise."""
+    value = s.peft.get("dropout")
+    return float(value) if value is not None else (0.0 if s.quant == "nf4" else 0.05)
+
+
+def dequantized_weight_saved(s: PlanSettings) -> bool:
+    """Unset: mtpeft's NF4 base runs the fused kernel (nothing saved) only for LoRA without dropout;
+    otherwise ``QuantLinear.forward`` dequantizes and calls ``F.linear``, which saves the weight."""
+    if s.saves_dequantized_weight is not None:
+        return s.saves_dequantized_weight
+    return s.quant == "nf4" and not (s.peft.method == "lora" and lora_dropout(s) == 0)
 
 
 def per_rank(nbytes: int, world: int, element: int = 2) -> int:
@@ -248,11 +262,11 @@ def _layer_saved_bytes(arch: Architecture, s: PlanSettings, b: int, L: int) -> i
     else:
         total += 2 * 2 * T * kv + 2 * T * q + 4 * b * heads * L
     total += (6 if arch.gated_mlp else 2) * T * I
-    if s.saves_dequantized_weight:
+    if dequantized_weight_saved(s):
         total += 2 * arch.block_linear_params
     m = s.peft.method
     if m == "lora":
-        r, dropout = s.peft.get("r"), s.peft.get("dropout") > 0
+        r, dropout = s.peft.get("r"), lora_dropout(s) > 0
         targets = _lora_targets(arch, s.peft)
         if dropout:
             total += sum((2 + s.dropout_mask_bytes) * T * t.in_features for t in targets)
@@ -382,7 +396,10 @@ def plan(arch: Architecture, s: PlanSettings) -> Dict[str, Any]:
         "world_size": s.world_size,
         "settings": {
             "gpu_mem_gib": s.gpu_mem_gib, "seq": s.seq, "micro_batch": s.micro_batch,
-            "peft": s.peft.method, "peft_options": {k: s.peft.get(k) for k in _PEFT_DEFAULTS[s.peft.method]},
+            "peft": s.peft.method,
+            "peft_options": {k: (lora_dropout(s) if k == "dropout" else s.peft.get(k))
+                             for k in _PEFT_DEFAULTS[s.peft.method]},
+            "saves_dequantized_weight": dequantized_weight_saved(s),
             "quant": s.quant, "double_quant": s.double_quant, "offload": s.offload,
             "checkpointing": s.checkpointing, "attention": s.attention, "logits_chunk": s.logits_chunk,
             "trainable_dtype": s.trainable_dtype, "allocator_margin": s.allocator_margin,
