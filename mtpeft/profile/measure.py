@@ -170,12 +170,14 @@ def plain_state_bytes(model: nn.Module, optimizer: Any) -> Dict[str, int]:
 def bitsandbytes_bytes(model: nn.Module) -> Dict[str, int]:
     """Packed bytes and quant-state tensors of bitsandbytes ``Linear4bit`` layers (their constants live
     in ``weight.quant_state``, not in parameters); an empty dict when there are none."""
-    packed = consts = bf16 = 0
-    found = False
+    packed = consts = 0
+    found, seen = False, set()
     for module in model.modules():
-        qs = getattr(getattr(module, "weight", None), "quant_state", None)
-        if qs is None:
+        weight = getattr(module, "weight", None)  # peft's LoRA wrapper forwards .weight to its base
+        qs = getattr(weight, "quant_state", None)
+        if qs is None or id(weight) in seen:
             continue
+        seen.add(id(weight))
         found = True
         packed += _nbytes(module.weight)
         consts += _nbytes(qs.absmax) + _nbytes(qs.code) + _nbytes(getattr(qs, "offset", None))
@@ -184,8 +186,7 @@ def bitsandbytes_bytes(model: nn.Module) -> Dict[str, int]:
     if not found:
         return {}
     frozen = sum(_nbytes(p) for p in model.parameters() if not p.requires_grad)
-    bf16 = frozen - packed
-    return {"packed_weights": packed, "quant_constants": consts, "bf16_weights": bf16}
+    return {"packed_weights": packed, "quant_constants": consts, "bf16_weights": frozen - packed}
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
