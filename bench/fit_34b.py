@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--checkpointing", choices=("on", "off"), default="on")
     p.add_argument("--base", choices=("quantlinear", "dequant-in-backward"), default="quantlinear",
-                   help="QuantLinear.forward as is, or a Function that dequantizes again in backward")
+                   help="off the fused path (LoRA dropout > 0): QuantLinear.forward as is, or a Function "
+                        "that dequantizes again in backward instead of keeping the bf16 weight")
     p.add_argument("--gpu-mem", type=float, default=24.0, help="budget the plan is checked against (GiB)")
     p.add_argument("--json", dest="json_out", help="write the results here")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-run the code path on CPU (no memory figures)")
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device("cuda" if cuda else "cpu")
     name, config_dict = load_config_dict(args.model or SHAPES[args.shape])
     model, arch = build_model(config_dict, args.layers, device, args.base)
-    fused = hasattr(QuantLinear, "forward_with_lora") and args.lora_dropout == 0 and args.base == "quantlinear"
+    fused = hasattr(QuantLinear, "forward_with_lora") and args.lora_dropout == 0  # LoraLinear's choice
     lora = add_lora(model, args, device)
     if args.checkpointing == "on":
         enable_checkpointing(model)
