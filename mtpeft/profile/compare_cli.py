@@ -1,0 +1,33 @@
+"""``mtpeft compare CONFIG``: the multitask run against one single-task run per task, same budget."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mtpeft.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a RunConfig YAML with two or more tasks (e.g. configs/demo.yaml)")
+    parser.add_argument("--out", default="runs/compare", help="folder for the runs and the table (default runs/compare)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="multitask steps (default: the config's train.max_steps); single-task runs get "
+                             "the steps their task got in the multitask run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtpeft.config import load_config
+    from mtpeft.profile.compare import run_compare
+
+    if args.steps < 0:
+        raise UserError(f"--steps {args.steps}: must be positive (or 0 for the config's train.max_steps)")
+    cfg = load_config(args.config, list(args.set))
+    if len(cfg.tasks) < 2:
+        raise UserError(f"{args.config}: compare needs at least two tasks, the config has {len(cfg.tasks)}")
+    out = Path(args.out).resolve()
+    result = run_compare(cfg, out, steps=args.steps or None)
+    print(result["table"], flush=True)
+    print(f"compare report: {out / 'report.md'}", flush=True)
+    return 0
