@@ -195,3 +195,30 @@ def test_t5_prefix_export_reloads_through_mtpeft(tmp_path):
     with torch.no_grad():
         assert (fresh.classify("defect", ids, mask) - model.classify("defect", ids, mask)).abs().max() <= 1e-5
         assert (fresh.pooled(ids, mask) - model.pooled(ids, mask)).abs().max() <= 1e-5
+
+
+def test_ia3_on_a_4bit_base_matches_the_dequantized_weight():
+    """Output scale through the fused NF4 op (``nf4_lora_linear(..., ia3=l)``), input scale through the
+    base: both against float64 math on the dequantized weight."""
+    from mtpeft.kernels.nf4_dequant import nf4_dequant
+    from mtpeft.quant import QuantLinear
+    from mtpeft.tuners.ia3 import IA3Linear
+
+    torch.manual_seed(7)
+    dense = nn.Linear(40, 24, bias=True)
+    q = QuantLinear.from_linear(dense)
+    w = nf4_dequant(q.quant_weight(), torch.float32).double()
+    x = torch.randn(3, 40)
+    for feedforward in (False, True):
+        layer = IA3Linear(q, feedforward)
+        with torch.no_grad():
+            layer.ia3_l.copy_(torch.rand(layer.ia3_l.shape) + 0.5)
+        scale = _f64(layer.ia3_l).flatten()
+        if feedforward:
+            want = (_f64(x) * scale) @ w.T + _f64(q.bias)
+        else:
+            want = (_f64(x) @ w.T + _f64(q.bias)) * scale
+        got = layer(x)
+        assert (got.double() - want).abs().max().item() <= 1e-4
+        got.sum().backward()
+        assert layer.ia3_l.grad is not None and layer.ia3_l.grad.abs().sum() > 0
