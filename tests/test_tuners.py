@@ -222,3 +222,28 @@ def test_ia3_on_a_4bit_base_matches_the_dequantized_weight():
         assert (got.double() - want).abs().max().item() <= 1e-4
         got.sum().backward()
         assert layer.ia3_l.grad is not None and layer.ia3_l.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("override,key", [("peft.bottleneck=0", "peft.bottleneck"),
+                                          ("peft.num_virtual_tokens=-1", "peft.num_virtual_tokens"),
+                                          ("peft.ia3_feedforward_modules=[up_proj]", "peft.ia3_feedforward_modules"),
+                                          ("peft.target_modules=[]", "peft.target_modules")])
+def test_bad_peft_keys_name_the_key(tmp_path, override, key):
+    from distributed import tiny_config
+    from mtpeft.config import load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(tiny_config(tmp_path), [override])
+
+
+def test_encoder_backbone_refuses_generation_and_unmatched_targets(tmp_path):
+    from distributed import tiny_config
+    from mtpeft.config import load_config
+    from mtpeft.trainer.build import build_model
+
+    tiny_backbone("roberta").save_pretrained(str(tmp_path / "enc"))
+    cfg = load_config(tiny_config(tmp_path), [f"model.name_or_path={tmp_path / 'enc'}"])
+    with pytest.raises(ConfigError, match="tasks\\[3\\].*decoder"):
+        build_model(cfg)
+    with pytest.raises(ConfigError, match="matched no linear layer"):
+        assemble(tiny_backbone("roberta"), _cfg("lora", target_modules=["nope_proj"]))
