@@ -6,6 +6,7 @@ bitsandbytes' own code tables (not mtpeft.quant; and not bitsandbytes' CPU dequa
 rest of the layer in float64 with autograd, so it shares no code with either path.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated (import time)
@@ -150,3 +151,13 @@ def test_weight_shape_mismatch_is_reported(monkeypatch):
     q, _ = bnb_nf4(torch.randn(8, 16), False)
     with pytest.raises(ValueError, match="features"):
         nf4_lora_linear(torch.randn(2, 17), q, None, None, 1.0)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_packed_bytes_viewed_as_bf16_give_identical_results(monkeypatch, kernels):
+    """QuantLinear stores the bytes viewed as bf16 (quant_storage) so ZeRO-3 partitions them."""
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    q, _ = bnb_nf4(torch.randn(33, 64), True)
+    q_bf16 = dataclasses.replace(q, packed=q.packed.view(torch.bfloat16))
+    x, a, b = torch.randn(5, 64), torch.randn(3, 64), torch.randn(33, 3)
+    assert torch.equal(nf4_lora_linear(x, q, a, b, 0.5), nf4_lora_linear(x, q_bf16, a, b, 0.5))

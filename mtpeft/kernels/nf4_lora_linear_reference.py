@@ -7,6 +7,7 @@ which is what keeps a 4-bit base 4-bit in memory during training.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -17,6 +18,8 @@ from mtpeft.quant.nf4_format import NF4Weight
 def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     from mtpeft.quant.nf4 import dequantize_nf4
 
+    if q.packed.dtype != torch.uint8:  # bytes stored viewed as bf16 (quant_storage) for ZeRO-3
+        q = dataclasses.replace(q, packed=q.packed.view(torch.uint8))
     return dequantize_nf4(q, dtype)
 
 
