@@ -212,6 +212,8 @@ def test_program_synthesis_score_runs_the_tests(monkeypatch):
     assert got["pass@k"]["2"] == pytest.approx(p2) and got["pass@k"]["5"] == pytest.approx(1.0)
     assert (got["problems_scored"], got["problems_without_tests"]) == (2, 1)
     assert got["sample_status"]["pass"] == 3
+    assert got["samples"][0] == {"problem_id": "0", "program": right_stdin, "status": "pass"}
+    assert got["samples"][1] == {"problem_id": "1", "program": wrong_call, "status": "wrong"}
 
 
 def test_extract_program_and_nucleus():

@@ -40,7 +40,7 @@ def _first(row: dict, names: tuple):
 
 
 def _first_name(row: dict, names: tuple) -> str:
-    return next(n for n in names if n in row and row[n] is not None)
+    return next((n for n in names if n in row and row[n] is not None), names[0])
 
 
 def _text(value, field: str) -> str:

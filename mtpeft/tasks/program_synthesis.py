@@ -128,6 +128,8 @@ class ProgramSynthesis:
         out["value"] = result["pass@k"][1]
         out["pass@k"] = {str(k): v for k, v in result["pass@k"].items()}
         out["sample_status"] = dict(Counter(s for r in result["problems"] for s in r.statuses))
+        out["samples"] = [{"problem_id": r.problem_id, "program": preds[i][0], "status": r.statuses[0]}
+                          for i, r in zip(tested[:3], result["problems"]) if r.statuses]
         return out
 
 

@@ -174,7 +174,8 @@ def zero_shot_eval(model_name_or_path: str, tasks: list[TaskConfig], max_example
                    batch_size: int = 8) -> dict:
     """Metrics per classification task (others are skipped) of the untrained model, on each eval split.
 
-    ``max_examples`` > 0 caps each split (the first examples); ``max_new_tokens`` is for ``generate`` mode.
+    ``max_examples`` > 0 keeps the first examples of each split (0: the task's ``max_eval_examples``, or
+    all); ``max_new_tokens`` is the answer length in ``generate`` mode.
     """
     if mode not in MODES:
         raise ConfigError(f"zero-shot mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -219,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="loglik",
                         help="loglik: compare P(yes) with P(no) (default, robust for small models); "
                              "generate: decode and parse the answer")
-    parser.add_argument("--max-examples", type=int, default=200, help="eval examples per task (0: all)")
+    parser.add_argument("--max-examples", type=int, default=200, help="eval examples per task, the first ones (0: the task's max_eval_examples, or all)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length in generate mode")
     parser.add_argument("--max-seq-len", type=int, default=512, help="prompt + answer tokens")
     parser.add_argument("--batch-size", type=int, default=8)
