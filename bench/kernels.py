@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per measurement (autotuning happens here)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per measurement; the median is reported")
     p.add_argument("--skip-check", action="store_true", help="time even if the correctness check fails")
+    p.add_argument("--graphs", action="store_true",
+                   help="time CUDA-graph replays (GPU time without Python launch overhead, as a decode loop "
+                        "under graphs would see); a callable that cannot be captured is timed eagerly and marked")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the whole script on CPU at one tiny shape (needs TRITON_INTERPRET=1); "
                         "checks the script, its timings mean nothing")
@@ -71,6 +74,24 @@ def timed_ms(torch, fn, warmup: int, iters: int, flush) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graphed(torch, fn):
+    """``fn`` captured in a CUDA graph (returns its replay), or None when it cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception as err:  # capture is best effort: report and fall back to eager timing
+        print(f"  (CUDA graph capture of {fn.__name__} failed, timing it eagerly: {type(err).__name__}: {err})")
+        return None
 
 
 def build_bnb_peft(torch, w, r: int, dev: str):
@@ -216,10 +237,15 @@ def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
     fl = floors(m, k, n, RANK)
     rows = []
     for mode, fns in (("fwd", (floor_fwd, bnb_fwd, fused_fwd)), ("fwd+bwd", (floor_fwdbwd, bnb_fwdbwd, fused_fwdbwd))):
-        t_a, t_b, t_c = (timed_ms(torch, fn, args.warmup, args.iters, flush) for fn in fns)
+        kinds, times = [], []
+        for fn in fns:
+            replay = graphed(torch, fn) if args.graphs and dev == "cuda" else None
+            kinds.append("cuda-graph" if replay else "eager")
+            times.append(timed_ms(torch, replay or fn, args.warmup, args.iters, flush))
+        t_a, t_b, t_c = times
         key = "fwd" if mode == "fwd" else "fwdbwd"
         rows.append({
-            "M": m, "K": k, "N": n, "r": RANK, "mode": mode,
+            "M": m, "K": k, "N": n, "r": RANK, "mode": mode, "timing": dict(zip("abc", kinds)),
             "a_bf16_matmul_ms": t_a, "b_bnb_peft_ms": t_b, "c_mtpeft_fused_ms": t_c,
             "c_over_a": t_c / t_a, "b_over_c": t_b / t_c,
             "flop_floor": fl[key + "_flop"], "bytes_floor": fl[key + "_bytes"],
@@ -255,7 +281,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['mode']} | {r['a_bf16_matmul_ms']:.3f} | "
                    f"{r['b_bnb_peft_ms']:.3f} | {r['c_mtpeft_fused_ms']:.3f} | {r['c_over_a']:.3f} | "
                    f"{r['b_over_c']:.2f} | {r['flop_floor'] / 1e9:.1f} | {r['bytes_floor'] / 1e6:.1f} | "
-                   f"{r['c_tflops']:.1f} | {r['c_gbps']:.0f} | {r['y_rel_err_vs_bnb']:.1e}, {r['dx_rel_err_vs_bnb']:.1e} |")
+                   f"{r['c_tflops']:.1f} | {r['c_gbps']:.0f} | {r['y_rel_err_vs_bnb']:.1e}, {r['dx_rel_err_vs_bnb']:.1e} |"
+                   + ("" if set(r["timing"].values()) == {"eager"} else f" timing {r['timing']}"))
     return "\n".join(out) + "\n"
 
 
