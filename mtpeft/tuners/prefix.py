@@ -3,13 +3,13 @@
 
 The prefix reaches the backbone as ``past_key_values``: a transformers ``DynamicCache`` filled with
 one (key, value) pair per layer, with the attention mask extended by ones, so Llama, Qwen2 and
-RoBERTa-style attention take it unchanged. A T5 encoder stack drops ``past_key_values``, so there
-each self-attention is wrapped to receive the same cache directly (its relative-position bias then
-places the prefix just before the input, and the mask is widened to see it); HF peft silently skips
-the prefix on a T5 encoder, so that export is mtpeft's own. Grouped-query models get prefixes for their key/value
-heads only (HF peft does the same). The hidden states hold only the real tokens, so pooling is
-unchanged. Exported as HF peft's PREFIX_TUNING; with the MLP, the export holds its output (as HF
-peft saves it), and reloading gives the MLP-free table.
+RoBERTa-style attention take it unchanged; grouped-query models get prefixes for their key/value
+heads only (as in HF peft). A T5 encoder stack drops ``past_key_values``, so there each
+self-attention is wrapped to receive the cache directly (T5's relative-position bias then places
+the prefix just before the input, and the mask is widened to see it). The hidden states hold only
+the real tokens, so pooling is unchanged. Exported as HF peft's PREFIX_TUNING (with the MLP, the
+export holds its output, as HF peft saves it, and reloading gives the MLP-free table); on a T5
+encoder, where HF peft silently skips the prefix, the export is mtpeft's own.
 """
 
 from __future__ import annotations
