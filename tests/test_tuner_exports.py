@@ -89,3 +89,12 @@ def test_export_of_another_method_is_refused(tmp_path):
     other = build_model(load_config(tiny_config(tmp_path, "other.yaml"), ["peft.method=parallel_adapter"]))
     with pytest.raises(CheckpointError, match="peft.method serial_adapter"):
         load_export(other, out)
+
+
+def test_mtl_lora_export_refuses_another_task_order(tmp_path):
+    cfg, model = _trained_like(tmp_path, "mtl_lora")
+    out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
+    swapped = load_config(tiny_config(tmp_path, "swapped.yaml"), ["peft.method=mtl_lora", "peft.r=4"])
+    swapped.tasks = swapped.tasks[::-1]
+    with pytest.raises(CheckpointError, match="order"):
+        load_export(build_model(swapped), out)

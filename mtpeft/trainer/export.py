@@ -93,10 +93,14 @@ def load_export(model, export_dir: Path) -> None:
             raise CheckpointError(f"{export_dir / name}: missing; re-run `mtpeft export RUN_DIR --out DIR`")
     manifest = export_dir / MANIFEST_FILE
     if manifest.is_file():
-        method = json.loads(manifest.read_text()).get("peft", {}).get("method")
+        peft = json.loads(manifest.read_text()).get("peft", {})
+        method, order = peft.get("method"), peft.get("task_order")
         if method and method != model.tuner.name:
             raise CheckpointError(f"{manifest}: the export is peft.method {method}, this config builds "
                                   f"{model.tuner.name}; set peft.method: {method}")
+        if order is not None and order != model.tuner.task_names:
+            raise CheckpointError(f"{manifest}: per-task tensors are for tasks {order}, this config lists "
+                                  f"{model.tuner.task_names}; list the tasks in the export's order")
     model.tuner.load_tensors(model, load_file(str(export_dir / ADAPTER_FILE)), str(export_dir))
     heads = _head_params(model)
     loaded = load_file(str(export_dir / HEADS_FILE))
