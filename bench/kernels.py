@@ -34,7 +34,8 @@ CPU_SMOKE = ((16, 256, 192),)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_kernels", help="folder for results.json and results.md")
     p.add_argument("--quick", action="store_true", help="one shape (M=512, K=N=4096) instead of the full grid")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per measurement (autotuning happens here)")
@@ -264,7 +265,8 @@ def target_lines(rows: list[dict]) -> list[str]:
         shape = f"M={row['M']} K={row['K']} N={row['N']} {row['mode']}"
         if row["M"] == 8192 and row["mode"] == "fwd+bwd":
             ok = row["c_over_a"] <= 1.10 and row["b_over_c"] >= 1.4
-            lines.append(f"{'PASS' if ok else 'MISS'} {shape}: c/a={row['c_over_a']:.3f} (<=1.10), b/c={row['b_over_c']:.2f} (>=1.4)")
+            lines.append(f"{'PASS' if ok else 'MISS'} {shape}: c/a={row['c_over_a']:.3f} (<=1.10), "
+                         f"b/c={row['b_over_c']:.2f} (>=1.4)")
         if row["M"] == 16 and row["mode"] == "fwd":
             ok = row["c_over_a"] <= 1 / 2.5
             lines.append(f"{'PASS' if ok else 'MISS'} {shape}: a/c={1 / row['c_over_a']:.2f} (>=2.5)")
@@ -281,7 +283,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['mode']} | {r['a_bf16_matmul_ms']:.3f} | "
                    f"{r['b_bnb_peft_ms']:.3f} | {r['c_mtpeft_fused_ms']:.3f} | {r['c_over_a']:.3f} | "
                    f"{r['b_over_c']:.2f} | {r['flop_floor'] / 1e9:.1f} | {r['bytes_floor'] / 1e6:.1f} | "
-                   f"{r['c_tflops']:.1f} | {r['c_gbps']:.0f} | {r['y_rel_err_vs_bnb']:.1e}, {r['dx_rel_err_vs_bnb']:.1e} |"
+                   f"{r['c_tflops']:.1f} | {r['c_gbps']:.0f} | "
+                   f"{r['y_rel_err_vs_bnb']:.1e}, {r['dx_rel_err_vs_bnb']:.1e} |"
                    + ("" if set(r["timing"].values()) == {"eager"} else f" timing {r['timing']}"))
     return "\n".join(out) + "\n"
 
@@ -307,7 +310,8 @@ def main(argv=None) -> int:
     import triton
 
     meta = {
-        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke run, timings meaningless)", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke run, timings meaningless)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__, "python": platform.python_version(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

@@ -275,8 +275,8 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 b_cast.stride(0) if has_lora else 0, b_cast.stride(1) if has_lora else 0,
                 y.stride(0), y.stride(1),
                 HAS_LORA=has_lora, HAS_BIAS=bias is not None, HAS_IA3=ia3 is not None,
-                STORE_PRE=store_pre, DOUBLE_QUANT=qweight.double_quant, BLOCKSIZE=qweight.blocksize, PAIRED=k % 2 == 0,
-                ALIGNED=k % qweight.blocksize == 0,
+                STORE_PRE=store_pre, DOUBLE_QUANT=qweight.double_quant, BLOCKSIZE=qweight.blocksize,
+                PAIRED=k % 2 == 0, ALIGNED=k % qweight.blocksize == 0,
                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r),
             )
         ctx.qweight, ctx.scaling, ctx.lead, ctx.has_lora = qweight, scaling, lead, has_lora
@@ -293,9 +293,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         q, s = ctx.qweight, ctx.scaling
         n = int(q.shape[0])
         k = int(q.shape[1])
-        dy2 = dy.reshape(-1, n)
-        if dy2.dtype != dy.dtype or not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
+        dy2 = dy.reshape(-1, n)  # any strides: the kernel takes them
         m = dy2.shape[0]
         dtype = dy2.dtype
         need_x, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:5]
