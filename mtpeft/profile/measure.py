@@ -229,6 +229,15 @@ def comm_bytes(reset: bool = False) -> Optional[Dict[str, int]]:
     return totals
 
 
+def disable_comm_logger() -> None:
+    from deepspeed import comm
+
+    logger = getattr(comm, "comms_logger", None)
+    if logger is not None:
+        logger.enabled = False
+        logger.comms_dict.clear()
+
+
 def mfu(flops_per_step: Optional[float], step_seconds: Optional[float], peak_tflops: Optional[float],
         world_size: int = 1) -> Optional[float]:
     """Model FLOPs utilization: achieved FLOP/s per device over the device peak."""

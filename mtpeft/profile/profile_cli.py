@@ -13,6 +13,7 @@ With ``--savings`` the side-by-side savings study (``profile.savings``) runs ins
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def profile(cfg, steps: int, out: Path, peak_tflops: Optional[float] = None, com
 
     out = Path(out)
     run_dir = out / "run"
+    cfg = copy.deepcopy(cfg)
     t = cfg.train
     t.max_steps, t.eval_every, t.save_every, t.transfer_every = steps, 0, 0, 0
     cfg.output.dir = str(run_dir)
@@ -208,6 +210,8 @@ def profile(cfg, steps: int, out: Path, peak_tflops: Optional[float] = None, com
     memory = measure.peak_memory()
     memory.update({"rss_start_bytes": rss_start, "rss_ready_bytes": rss_ready, "peak_reset": peak_reset})
     comm_total = measure.comm_bytes(reset=True)
+    if comm:
+        measure.disable_comm_logger()  # later engines in this process (compare, tests) run unlogged
     states = measure.engine_partition_bytes(engine)
     planned_states = plan_model_states(measure.meta_copy(engine.module), ctx.world)
     counted = _counted_first_step(engine, tasks, cfg, tok, ctx)
