@@ -101,3 +101,14 @@ def test_unknown_activation_names_the_choices(monkeypatch):
     h = torch.randn(4, 8)
     with pytest.raises(ConfigError, match="relu, gelu, gelu_tanh, silu"):
         bottleneck_adapter(h, torch.randn(2, 8), None, torch.randn(8, 2), None, "tanh", 1.0)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_empty_batch(monkeypatch, kernels):
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    h = torch.randn(0, 3, 16, requires_grad=True)
+    down_w, up_w = torch.randn(4, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    out = bottleneck_adapter(h, down_w, None, up_w, None, "relu", 1.0)
+    out.sum().backward()
+    assert out.shape == (0, 3, 16) and h.grad.shape == h.shape
+    assert torch.equal(down_w.grad, torch.zeros_like(down_w)) and torch.equal(up_w.grad, torch.zeros_like(up_w))

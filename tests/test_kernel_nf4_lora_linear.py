@@ -162,3 +162,15 @@ def test_packed_bytes_viewed_as_bf16_give_identical_results(monkeypatch, kernels
     q_bf16 = dataclasses.replace(q, packed=q.packed.view(torch.bfloat16))
     x, a, b = torch.randn(5, 64), torch.randn(3, 64), torch.randn(33, 3)
     assert torch.equal(nf4_lora_linear(x, q, a, b, 0.5), nf4_lora_linear(x, q_bf16, a, b, 0.5))
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_empty_batch(monkeypatch, kernels):
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    q, _ = bnb_nf4(torch.randn(33, 64), True)
+    x = torch.randn(2, 0, 64, requires_grad=True)
+    a, b = torch.randn(3, 64, requires_grad=True), torch.randn(33, 3, requires_grad=True)
+    y = nf4_lora_linear(x, q, a, b, 0.5)
+    y.sum().backward()
+    assert y.shape == (2, 0, 33) and x.grad.shape == x.shape
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))

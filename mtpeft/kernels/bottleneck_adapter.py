@@ -135,12 +135,12 @@ def _gemm(a, b, *, bias=None, act=0, z=None, store_pre=False, act_grad=0, residu
     m, k = a.shape
     n = b.shape[1]
     c = empty_output((m, n), out_dtype or a.dtype, a.device)
-    if m == 0:
-        return c
     if store_pre:
         z_arg = empty_output((m, n), a.dtype, a.device)
     else:
         z_arg = z if z is not None else c
+    if m == 0:
+        return (c, z_arg) if store_pre else c
     res = residual if residual is not None else c
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _gemm_epilogue_kernel[grid](
