@@ -98,3 +98,30 @@ def test_mtl_lora_export_refuses_another_task_order(tmp_path):
     swapped.tasks = swapped.tasks[::-1]
     with pytest.raises(CheckpointError, match="order"):
         load_export(build_model(swapped), out)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_uncached_greedy_decoding_matches_hf_peft_generate(tmp_path, method):
+    """Prompt/prefix tuners decode through ``lm_logits`` step by step; HF peft's cached ``generate``
+    on the export must pick the same tokens, a left-padded prompt included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mtpeft.tasks.generation import Generate
+    from mtpeft.trainer.build import load_tokenizer
+
+    cfg, model = _trained_like(tmp_path, method)
+    out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
+    tok = load_tokenizer(str(BASE))
+    prompts = [[1, 50, 60, 70, 80, 90], [1, 33, 44]]
+    ours = Generate(max_new_tokens=8).generate(model, prompts, tok, synced=False, task="codegen")
+    ids = torch.full((2, 6), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, 6 - len(p):], mask[i, 6 - len(p):] = torch.tensor(p), 1
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(BASE)), str(out)).eval()
+    with torch.no_grad():
+        gen = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=1,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    theirs = [tok.decode(row[6:], skip_special_tokens=True).strip() for row in gen]
+    assert ours == theirs and any(ours)
