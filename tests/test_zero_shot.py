@@ -127,3 +127,5 @@ def test_cli_run_real_generation_with_a_task_list(tmp_path, capsys):
     args.task = ["nope"]
     with pytest.raises(ConfigError, match="--task nope: not in"):
         zs.run(args)
+    with pytest.raises(ConfigError, match="needs --tasks"):
+        zs.run(parser.parse_args(["--zero-shot", DEMO_MODEL]))

@@ -211,9 +211,10 @@ def zero_shot_eval(model_name_or_path: str, tasks: list[TaskConfig], max_example
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--zero-shot", dest="zero_shot", metavar="MODEL", required=True,
+    """Options of ``mtpeft eval --zero-shot``; none is required, so they sit beside ``eval RUN_DIR``'s own."""
+    parser.add_argument("--zero-shot", dest="zero_shot", metavar="MODEL", default=None,
                         help="causal LM to prompt, untrained (a local folder or a hub id)")
-    parser.add_argument("--tasks", required=True, metavar="CONFIG_OR_TASKS",
+    parser.add_argument("--tasks", default=None, metavar="CONFIG_OR_TASKS",
                         help="a RunConfig YAML (its tasks are used) or a YAML list of tasks")
     parser.add_argument("--task", action="append", default=[], metavar="NAME",
                         help="only this task (repeatable; default: every classification task)")
@@ -249,6 +250,8 @@ def load_tasks(path: str, model_name_or_path: str) -> list[TaskConfig]:
 def run(args: argparse.Namespace) -> int:
     from mtpeft.trainer.evaluate import format_table
 
+    if not args.zero_shot or not args.tasks:
+        raise ConfigError("eval --zero-shot MODEL needs --tasks CONFIG_OR_TASKS (a RunConfig YAML or a YAML task list)")
     tasks = load_tasks(args.tasks, args.zero_shot)
     if args.task:
         unknown = sorted(set(args.task) - {t.name for t in tasks})
