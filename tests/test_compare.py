@@ -1,0 +1,75 @@
+"""``mtpeft compare`` on CPU: a row for every task, the budget rule honoured (each single-task run
+trains the steps its task got in the multitask run, read back from the logs), and adapter bytes on
+disk equal to the exported files' sizes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distributed import tiny_config
+from mtpeft.profile import compare_cli
+from mtpeft.profile.report import read_log
+
+TASKS = ("defect", "clone", "search", "codegen")
+FILES = ("adapter_model.safetensors", "heads.safetensors")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    parser = argparse.ArgumentParser()
+    compare_cli.add_arguments(parser)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = parser.parse_args([str(tiny_config(tmp)), "--out", str(tmp / "out"), "--steps", "4"])
+        assert compare_cli.run(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp / "out"
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_table_and_plot_have_every_task(compared):
+    out, r = compared
+    for name in ("report.md", "compare.json", "compare_metrics.png", "compare_cost.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    for task in TASKS:
+        assert f"| {task} |" in md and f"single: {task}" in md
+        assert r["multitask"]["metrics"][task]["metric"] == r["single"][task]["metrics"][task]["metric"]
+
+
+def test_budget_rule_each_single_run_gets_its_tasks_steps(compared):
+    out, r = compared
+    multi = Counter(x["task"] for x in read_log(out / "multitask" / "log.jsonl"))
+    assert dict(multi) == r["budget"] and sum(multi.values()) == 4
+    for task in TASKS:
+        single = read_log(out / "single" / task / "log.jsonl")
+        assert len(single) == multi[task] and {x["task"] for x in single} == {task}
+
+
+def test_adapter_bytes_on_disk_are_the_files_sizes(compared):
+    out, r = compared
+    sizes = {run: sum((out / run / "export" / f).stat().st_size for f in FILES)
+             for run in ["multitask", *(f"single/{t}" for t in TASKS)]}
+    assert r["multitask"]["bytes_on_disk"] == sizes["multitask"]
+    for task in TASKS:
+        assert r["single"][task]["bytes_on_disk"] == sizes[f"single/{task}"]
+    # parameters: one shared module + every head, versus a module per task + the same heads
+    adapter = sum(t.numel() for t in load_file(str(out / "multitask/export/adapter_model.safetensors")).values())
+    heads = sum(t.numel() for t in load_file(str(out / "multitask/export/heads.safetensors")).values())
+    assert r["multitask"]["trainable_params"] == adapter + heads
+    assert sum(r["single"][t]["trainable_params"] for t in TASKS) == len(TASKS) * adapter + heads
+
+
+def test_flops_and_times_are_reported(compared):
+    _, r = compared
+    for run in [r["multitask"], *r["single"].values()]:
+        assert run["flops"] > 0 and run["wall_seconds"] >= run["train_seconds"] > 0
