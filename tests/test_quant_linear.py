@@ -98,8 +98,10 @@ def test_forward_backward_against_float64(kernel_module, monkeypatch, dtype, tol
         assert y.dtype == dtype and y.shape == (3, m, n)
         assert _rel_err(y, y64) <= tol and _rel_err(xr.grad, dx64) <= tol
         outputs[mode] = (y.detach(), xr.grad)
-    assert torch.equal(outputs["torch"][0], outputs["triton"][0])  # same dequantized bits, same GEMM
-    assert torch.equal(outputs["torch"][1], outputs["triton"][1])
+    # training goes through the fused op (dequantized again in backward), so the two paths differ
+    # only by GEMM rounding
+    assert _rel_err(outputs["torch"][0], outputs["triton"][0].double()) <= tol
+    assert _rel_err(outputs["torch"][1], outputs["triton"][1].double()) <= tol
     assert all(p.grad is None for p in layer.parameters())
 
 

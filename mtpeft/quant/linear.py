@@ -125,11 +125,16 @@ class QuantLinear(nn.Module):
         return [getattr(self, name) for name in self._layout]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if torch.is_grad_enabled() and x.requires_grad:
+            # through the op that dequantizes again in backward: autograd would otherwise keep
+            # every layer's dequantized bf16 weight alive until backward (4x the 4-bit base)
+            from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
+
+            return nf4_lora_linear(x, self.quant_weight(), None, None, 1.0, bias)
         from mtpeft.kernels.nf4_dequant import nf4_dequant
 
-        w = nf4_dequant(self.quant_weight(), x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w, bias)
+        return F.linear(x, nf4_dequant(self.quant_weight(), x.dtype), bias)
 
     def forward_with_lora(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                           scaling: float) -> torch.Tensor:
