@@ -53,7 +53,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3, scaling=0.75,
-             blocksize=64):
+             blocksize=64, separate_lora_x=False):
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     gen = torch.Generator().manual_seed(seed)
@@ -66,19 +66,19 @@ def run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias
     bias = torch.randn(n, generator=gen).to(dtype).requires_grad_() if with_bias else None
     ia3 = (torch.rand(n, generator=gen) + 0.5).requires_grad_() if with_ia3 else None
     dy = torch.randn(*x_shape[:-1], n, generator=gen).to(dtype)
+    lora_x = torch.randn(*x_shape, generator=gen).to(dtype).requires_grad_() if separate_lora_x else None
 
     with backend.poisoned_outputs():
-        y = nf4_lora_linear(x, q, a, b, scaling, bias=bias, ia3=ia3)
+        y = nf4_lora_linear(x, q, a, b, scaling, bias=bias, ia3=ia3, lora_x=lora_x)
         y.backward(dy)
-    leaves = {"x": x, "lora_A": a, "lora_B": b, "bias": bias, "ia3": ia3}
+    leaves = {"x": x, "lora_x": lora_x, "lora_A": a, "lora_B": b, "bias": bias, "ia3": ia3}
     leaves = {name: t for name, t in leaves.items() if t is not None}
 
     # float64 oracle: operands as the op computes with them (x dtype), math in float64.
     c = {name: t.detach().to(dtype).double().requires_grad_() for name, t in leaves.items()}
-    c["x"] = x.detach().double().requires_grad_()
     y64 = c["x"] @ w_deq.double().t()
     if lora:
-        y64 = y64 + scaling * (c["x"] @ c["lora_A"].t()) @ c["lora_B"].t()
+        y64 = y64 + scaling * (c["lora_x" if separate_lora_x else "x"] @ c["lora_A"].t()) @ c["lora_B"].t()
     if with_bias:
         y64 = y64 + c["bias"]
     if with_ia3:
@@ -126,6 +126,30 @@ def test_forward_and_all_gradients_match_float64(monkeypatch, kernels, x_shape, 
 
 def test_other_blocksize(monkeypatch):
     run_case(monkeypatch, "triton", (21, 96), 45, 3, torch.float32, True, True, False, blocksize=128)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separate_lora_input(monkeypatch, kernels, dtype):
+    """lora_x (e.g. dropout(x)) feeds only the LoRA branch; both inputs get their own gradient."""
+    run_case(monkeypatch, kernels, (3, 11, 256), 70, 5, dtype, True, True, True, separate_lora_x=True)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_lora_dropout_through_autograd(monkeypatch, kernels):
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    q, w_deq = bnb_nf4(torch.randn(40, 64), False)
+    x = torch.randn(9, 64, requires_grad=True)
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    dropped = torch.nn.functional.dropout(x, p=0.25, training=True)
+    keep = (dropped != 0).double() / 0.75
+    y = nf4_lora_linear(x, q, a, b, 0.5, lora_x=dropped)
+    y.sum().backward()
+    x64, a64, b64 = (t.detach().double() for t in (x, a, b))
+    y64 = x64 @ w_deq.double().t() + 0.5 * ((x64 * keep) @ a64.t()) @ b64.t()
+    ones = torch.ones(9, 40, dtype=torch.float64)
+    dx64 = ones @ w_deq.double() + 0.5 * (ones @ b64 @ a64) * keep
+    assert rel_err(y.detach(), y64) <= 1e-5 and rel_err(x.grad, dx64) <= 1e-5
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])

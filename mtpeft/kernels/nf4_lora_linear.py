@@ -245,20 +245,25 @@ def _check_weight(q: NF4Weight, k: int) -> None:
 
 
 class NF4LoRALinearFunction(torch.autograd.Function):
-    """Triton path; the NF4 base is frozen (no grad), bias gets one only if it requires it."""
+    """Triton path; the NF4 base is frozen (no grad), bias gets one only if it requires it.
+
+    ``lora_x`` (None: x itself) is the LoRA branch's input when it differs from the base's, e.g.
+    dropout(x): the LoRA term is then folded into the forward GEMM as usual, while dx leaves the
+    fused kernel without the LoRA tail and d lora_x is returned separately for autograd to route."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
+    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
         lead, k = x.shape[:-1], x.shape[-1]
         _check_weight(qweight, k)
         x2 = x.reshape(-1, k)
         m, n = x2.shape[0], int(qweight.shape[0])
         has_lora = lora_A is not None
+        lx2 = x2 if lora_x is None else lora_x.reshape(-1, k)
         xa = None
         r = 0
         if has_lora:
             r = lora_A.shape[0]
-            xa = x2 @ lora_A.to(x.dtype).t()
+            xa = lx2 @ lora_A.to(x.dtype).t()
             b_cast = lora_B.to(x.dtype)
         store_pre = ia3 is not None and ia3.requires_grad
         y = empty_output((m, n), x.dtype, x.device)
@@ -280,62 +285,65 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r),
             )
         ctx.qweight, ctx.scaling, ctx.lead, ctx.has_lora = qweight, scaling, lead, has_lora
+        ctx.separate_lora_x = lora_x is not None
         ctx.dtypes = (lora_A.dtype if has_lora else None, lora_B.dtype if has_lora else None,
                       bias.dtype if bias is not None else None, ia3.dtype if ia3 is not None else None)
-        need_a, need_b = ctx.needs_input_grad[1:3]
-        ctx.save_for_backward(x2 if has_lora and need_a else None, xa if need_b else None, lora_A, lora_B, ia3,
+        need_a, need_b = ctx.needs_input_grad[2:4]
+        ctx.save_for_backward(lx2 if has_lora and need_a else None, xa if need_b else None, lora_A, lora_B, ia3,
                               ypre if store_pre else None)
         return y.reshape(*lead, n)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, lora_A, lora_B, ia3, ypre = ctx.saved_tensors
+        lx2, xa, lora_A, lora_B, ia3, ypre = ctx.saved_tensors
         q, s = ctx.qweight, ctx.scaling
         n = int(q.shape[0])
         k = int(q.shape[1])
         dy2 = dy.reshape(-1, n)  # any strides: the kernel takes them
         m = dy2.shape[0]
         dtype = dy2.dtype
-        need_x, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:5]
-        dx = d_a = d_b = d_bias = d_ia3 = None
+        need_x, need_lx, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:6]
+        dx = d_lx = d_a = d_b = d_bias = d_ia3 = None
         g_scaled = a_cast = None
         r = 0
         if ctx.has_lora:
             r = lora_A.shape[0]
             b_eff = lora_B.to(dtype) if ia3 is None else (lora_B.float() * ia3.float()[:, None]).to(dtype)
-            g = dy2 @ b_eff
-            g_scaled = g * s
+            g_scaled = (dy2 @ b_eff) * s
             a_cast = lora_A.to(dtype)
             if need_a:
-                d_a = (g_scaled.t() @ x2).to(ctx.dtypes[0])
+                d_a = (g_scaled.t() @ lx2).to(ctx.dtypes[0])
             if need_b:
                 dyt_xa = dy2.t() @ xa
                 if ia3 is not None:
                     dyt_xa = dyt_xa.float() * ia3.float()[:, None]
                 d_b = (dyt_xa * s).to(ctx.dtypes[1])
+            if need_lx:
+                d_lx = (g_scaled @ a_cast).reshape(*ctx.lead, k)
         if need_bias:
             d_bias = (dy2.float().sum(0) * (ia3.float() if ia3 is not None else 1.0)).to(ctx.dtypes[2])
         if need_ia3:
             d_ia3 = (dy2.float() * ypre.float()).sum(0).to(ctx.dtypes[3])
         if need_x:
+            lora_tail = ctx.has_lora and not ctx.separate_lora_x
             dx = empty_output((m, k), dtype, dy2.device)
             if m > 0:
                 qargs = _quant_args(q, dy2.device)
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
                 _dx_kernel[grid](
-                    dy2, g_scaled if ctx.has_lora else dy2, a_cast if ctx.has_lora else dy2, dx,
+                    dy2, g_scaled if lora_tail else dy2, a_cast if lora_tail else dy2, dx,
                     ia3 if ia3 is not None else dy2, *qargs,
                     m, n, k, r, _m_bucket(m), k // 2,
                     dy2.stride(0), dy2.stride(1),
-                    g_scaled.stride(0) if ctx.has_lora else 0, g_scaled.stride(1) if ctx.has_lora else 0,
-                    a_cast.stride(0) if ctx.has_lora else 0, a_cast.stride(1) if ctx.has_lora else 0,
+                    g_scaled.stride(0) if lora_tail else 0, g_scaled.stride(1) if lora_tail else 0,
+                    a_cast.stride(0) if lora_tail else 0, a_cast.stride(1) if lora_tail else 0,
                     dx.stride(0), dx.stride(1),
-                    HAS_LORA=ctx.has_lora, HAS_IA3=ia3 is not None, DOUBLE_QUANT=q.double_quant,
+                    HAS_LORA=lora_tail, HAS_IA3=ia3 is not None, DOUBLE_QUANT=q.double_quant,
                     BLOCKSIZE=q.blocksize, PAIRED=k % 2 == 0, ALIGNED=k % q.blocksize == 0,
                     IEEE=dtype == torch.float32, BLOCK_R=_block_r(r),
                 )
             dx = dx.reshape(*ctx.lead, k)
-        return dx, d_a, d_b, d_bias, d_ia3, None, None
+        return dx, d_lx, d_a, d_b, d_bias, d_ia3, None, None
 
 
 def nf4_lora_linear(
@@ -346,15 +354,20 @@ def nf4_lora_linear(
     scaling: float,
     bias: Optional[torch.Tensor] = None,
     ia3: Optional[torch.Tensor] = None,
+    lora_x: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``(x·deq(W)ᵀ + scaling·(x·Aᵀ)·Bᵀ + bias) * ia3`` with W frozen NF4.
+    """``(x·deq(W)ᵀ + scaling·(lora_x·Aᵀ)·Bᵀ + bias) * ia3`` with W frozen NF4; lora_x defaults to x.
 
     x ``[..., K]``; qweight of shape ``[N, K]``; lora_A ``[r, K]`` and lora_B ``[N, r]`` (both None for
-    an IA3-only or frozen layer); bias and ia3 ``[N]``. Gradients flow to x, lora_A, lora_B, ia3 and
-    (if it requires one) bias. Triton on CUDA, the torch reference on CPU (see backend).
+    an IA3-only or frozen layer); bias and ia3 ``[N]``; lora_x like x, for LoRA dropout: pass
+    ``dropout(x)`` and autograd carries its gradient back through the dropout. Gradients flow to
+    x, lora_x, lora_A, lora_B, ia3 and (if it requires one) bias. Triton on CUDA, the torch
+    reference on CPU (see backend).
     """
     if (lora_A is None) != (lora_B is None):
         raise ValueError("nf4_lora_linear: pass both lora_A and lora_B, or neither")
+    if lora_x is not None and lora_x.shape != x.shape:
+        raise ValueError(f"nf4_lora_linear: lora_x has shape {tuple(lora_x.shape)}, x {tuple(x.shape)}")
     if use_triton(x.device):
-        return NF4LoRALinearFunction.apply(x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
-    return nf4_lora_linear_reference(x, qweight, lora_A, lora_B, scaling, bias, ia3)
+        return NF4LoRALinearFunction.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
+    return nf4_lora_linear_reference(x, qweight, lora_A, lora_B, scaling, bias, ia3, lora_x)

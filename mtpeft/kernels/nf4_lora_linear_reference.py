@@ -25,28 +25,29 @@ def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 class NF4LoRALinearReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
+    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
         w = _dequantize(qweight, x.dtype)
         y = x @ w.t()
+        lx = x if lora_x is None else lora_x
         xa = None
         if lora_A is not None:
-            xa = x @ lora_A.to(x.dtype).t()
+            xa = lx @ lora_A.to(x.dtype).t()
             y = y + (xa * scaling) @ lora_B.to(x.dtype).t()
         if bias is not None:
             y = y + bias.to(x.dtype)
         ypre = y if ia3 is not None and ia3.requires_grad else None
         if ia3 is not None:
             y = y * ia3.to(x.dtype)
-        ctx.qweight, ctx.scaling = qweight, scaling
-        ctx.save_for_backward(x, xa, lora_A, lora_B, bias, ia3, ypre)
+        ctx.qweight, ctx.scaling, ctx.separate_lora_x = qweight, scaling, lora_x is not None
+        ctx.save_for_backward(lx, xa, lora_A, lora_B, bias, ia3, ypre)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, lora_A, lora_B, bias, ia3, ypre = ctx.saved_tensors
+        lx, xa, lora_A, lora_B, bias, ia3, ypre = ctx.saved_tensors
         s = ctx.scaling
-        need_x, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:5]
-        dx = d_a = d_b = d_bias = d_ia3 = None
+        need_x, need_lx, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:6]
+        dx = d_lx = d_a = d_b = d_bias = d_ia3 = None
         if need_ia3:
             d_ia3 = (dy * ypre).reshape(-1, dy.shape[-1]).sum(0).to(ia3.dtype)
         if ia3 is not None:
@@ -54,18 +55,21 @@ class NF4LoRALinearReference(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         if need_bias:
             d_bias = dy2.sum(0).to(bias.dtype)
-        g = None
+        d_lora_in = None
         if lora_A is not None:
             g = (dy2 @ lora_B.to(dy.dtype)) * s
             if need_a:
-                d_a = (g.t() @ x.reshape(-1, x.shape[-1])).to(lora_A.dtype)
+                d_a = (g.t() @ lx.reshape(-1, lx.shape[-1])).to(lora_A.dtype)
             if need_b:
                 d_b = ((dy2.t() @ xa.reshape(-1, xa.shape[-1])) * s).to(lora_B.dtype)
+            d_lora_in = (g @ lora_A.to(dy.dtype)).reshape(lx.shape)
         if need_x:
             dx = dy @ _dequantize(ctx.qweight, dy.dtype)
-            if g is not None:
-                dx = dx + (g @ lora_A.to(dy.dtype)).reshape(dx.shape)
-        return dx, d_a, d_b, d_bias, d_ia3, None, None
+            if d_lora_in is not None and not ctx.separate_lora_x:
+                dx = dx + d_lora_in
+        if need_lx:
+            d_lx = d_lora_in
+        return dx, d_lx, d_a, d_b, d_bias, d_ia3, None, None
 
 
 def nf4_lora_linear_reference(
@@ -76,6 +80,7 @@ def nf4_lora_linear_reference(
     scaling: float,
     bias: Optional[torch.Tensor] = None,
     ia3: Optional[torch.Tensor] = None,
+    lora_x: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same contract as :func:`mtpeft.kernels.nf4_lora_linear`, in plain torch."""
-    return NF4LoRALinearReference.apply(x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
+    return NF4LoRALinearReference.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
