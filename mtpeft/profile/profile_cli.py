@@ -234,6 +234,9 @@ def _summarize(cfg, world, steps, records, per_rank, planned_states, planned, fl
     flops_measured = [f["flops"] for f in flops if f["step"] in measured_steps]
     flops_mean = sum(flops_measured) / len(flops_measured) if flops_measured else None
     flops_per_s = sum(flops_measured) / timing["seconds"] if flops_measured and timing["seconds"] else None
+    source = "flops.step_flops on every step's shapes"
+    if flops_mean is None and counted:  # not a model step_flops reads: the counted step stands for all
+        flops_mean, source = counted, "FlopCounterMode on step 1"
     states = max((r["states"] for r in per_rank), key=lambda s: s["total"])
     rank0 = per_rank[0]["memory"]
     comm = per_rank[0]["comm"]
@@ -243,7 +246,7 @@ def _summarize(cfg, world, steps, records, per_rank, planned_states, planned, fl
     return {
         "config": cfg.source, "world_size": world, "steps": steps, "device": rank0["device"],
         "timing": timing,
-        "flops_per_step_mean": flops_mean, "flops_per_step": flops, "flops_counted_step1": counted,
+        "flops_per_step_mean": flops_mean, "flops_source": source, "flops_per_step": flops, "flops_counted_step1": counted,
         "flops_per_s": flops_per_s,
         "peak_tflops": peak_tflops,
         "mfu": measure.mfu(flops_mean, timing["step_seconds_mean"], peak_tflops, world),
@@ -271,14 +274,16 @@ def _rows(r: dict) -> List[List[str]]:
                  else "torch.cuda.max_memory_allocated vs predicted peak"])
     rows.append(["step time (s)", f(r["timing"]["step_seconds_mean"]), f(r["ideal_step_seconds"]),
                  "plan: FLOPs / peak (MFU 100 %)"])
-    rows.append(["tokens/s", f(r["timing"]["tokens_per_s"]), "—", "tokens / seconds of log.jsonl"])
-    rows.append(["FLOPs per step", f(r["flops_per_step_mean"], "flops"), "—", "flops.step_flops on the real shapes"])
+    ideal_tps = None
+    if r["ideal_step_seconds"] and r["timing"]["steps_measured"]:
+        ideal_tps = r["timing"]["tokens"] / r["timing"]["steps_measured"] / r["ideal_step_seconds"]
+    rows.append(["tokens/s", f(r["timing"]["tokens_per_s"]), f(ideal_tps), "tokens / seconds of log.jsonl; "
+                 "plan: tokens per step at MFU 100 %"])
+    rows.append(["FLOPs per step", f(r["flops_per_step_mean"], "flops"), "—", r["flops_source"]])
     first = r["flops_per_step"][0] if r["flops_per_step"] else {}
-    cpu_note = ("; on CPU torch has no FLOP rule for its fused attention kernel, so the planned figure here "
-                "leaves attention out" if cpu else "")
     rows.append(["FLOPs of step 1", f(r["flops_counted_step1"], "flops"),
                  f(first.get("flops_no_attention" if cpu else "flops"), "flops"),
-                 "FlopCounterMode (incl. task heads) vs step_flops" + cpu_note])
+                 "FlopCounterMode (incl. task heads) vs step_flops" + (" without attention*" if cpu else "")])
     rows.append(["MFU", f(r["mfu"], "%"), "—", f"peak {r['peak_tflops']} TFLOPS" if r["peak_tflops"]
                  else "no peak known (pass --peak-tflops)"])
     rows.append(["communication per step", f(r["comm_bytes_per_step_total"], "bytes"), "—",
@@ -292,7 +297,14 @@ HEADERS = ("quantity", "measured", "planned", "how")
 def write_profile_report(out: Path, r: dict, records: List[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = _rows(r)
-    r["table"] = report.text_table(HEADERS, rows)
+    notes = []
+    if r["memory"]["device_peak_bytes"] is None:
+        notes.append("* on CPU torch's FlopCounterMode has no rule for the fused CPU attention kernel, so the "
+                     "counted step leaves attention out and is compared with step_flops minus its attention terms.")
+    if not r["flops_per_step"]:
+        notes.append("FLOPs: flops.step_flops cannot read this model (not a Llama-style decoder); the counted "
+                     "step (FlopCounterMode) is the only FLOP figure.")
+    r["table"] = "\n".join([report.text_table(HEADERS, rows), *notes])
     measured = {k: r["model_states_measured"].get(k, 0) for k in measure.STATE_KEYS}
     planned = {k: r["model_states_planned"].get(k, 0) for k in measure.STATE_KEYS}
     report.grouped_bars(out / "memory_breakdown.png", "model states per rank: measured vs planned",
@@ -317,7 +329,7 @@ def write_profile_report(out: Path, r: dict, records: List[dict]) -> None:
     md = [f"# mtpeft profile: {r['config']}", "",
           f"{r['steps']} steps, world size {r['world_size']}, device {r['device']}; "
           f"timing over {r['timing']['steps_measured']} steps after {r['timing']['warmup_steps']} warm-up.", "",
-          report.markdown_table(HEADERS, rows), "",
+          report.markdown_table(HEADERS, rows), "", *notes, "",
           "FLOPs count a frozen base: forward, input-gradient backward (no weight gradients of the base), "
           "recomputation under gradient checkpointing, PEFT terms and attention (`mtpeft.profile.flops`).",
           "", "![memory](memory_breakdown.png)", "![throughput](throughput.png)", "![loss](loss_curves.png)", ""]
