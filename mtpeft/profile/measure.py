@@ -23,6 +23,11 @@ from mtpeft.profile.planner import _is_quantized_module
 STATE_KEYS = ("packed_weights", "quant_constants", "bf16_weights", "trainable_params", "master_weights",
               "gradients", "optimizer_states")
 
+STATE_LABELS = {"packed_weights": "packed NF4 weights", "quant_constants": "quantization constants",
+                "bf16_weights": "non-quantized frozen weights", "trainable_params": "trainable parameters",
+                "master_weights": "fp32 master partitions", "gradients": "gradient partitions",
+                "optimizer_states": "Adam states", "total": "total"}
+
 # Dense bf16 Tensor Core peaks (TFLOPS) from the vendors' data sheets; matched against the device name.
 GPU_PEAK_TFLOPS = (
     ("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0),

@@ -265,7 +265,7 @@ def _rows(r: dict) -> List[List[str]]:
     f = report.fmt
     rows = []
     for key in measure.STATE_KEYS + ("total",):
-        rows.append([f"model states: {key} (per rank)", f(r["model_states_measured"].get(key), "bytes"),
+        rows.append([f"model states: {measure.STATE_LABELS[key]} (per rank)", f(r["model_states_measured"].get(key), "bytes"),
                      f(r["model_states_planned"].get(key), "bytes"), "engine partitions vs plan_model_states"])
     plan = r["plan"] or {}
     cpu = r["memory"]["device_peak_bytes"] is None
@@ -301,6 +301,9 @@ def write_profile_report(out: Path, r: dict, records: List[dict]) -> None:
     if r["memory"]["device_peak_bytes"] is None:
         notes.append("* on CPU torch's FlopCounterMode has no rule for the fused CPU attention kernel, so the "
                      "counted step leaves attention out and is compared with step_flops minus its attention terms.")
+    else:
+        notes.append("FlopCounterMode counts aten matmuls only: work inside custom (Triton) kernels, such as the "
+                     "fused NF4·LoRA op, is not in the counted step.")
     if not r["flops_per_step"]:
         notes.append("FLOPs: flops.step_flops cannot read this model (not a Llama-style decoder); the counted "
                      "step (FlopCounterMode) is the only FLOP figure.")
