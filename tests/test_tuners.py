@@ -247,3 +247,25 @@ def test_encoder_backbone_refuses_generation_and_unmatched_targets(tmp_path):
         build_model(cfg)
     with pytest.raises(ConfigError, match="matched no linear layer"):
         assemble(tiny_backbone("roberta"), _cfg("lora", target_modules=["nope_proj"]))
+
+
+def test_lora_dropout_on_a_4bit_base_runs_fused_and_matches_float64():
+    from mtpeft.kernels.nf4_dequant import nf4_dequant
+    from mtpeft.quant import QuantLinear
+    from mtpeft.tuners.lora import LoraLinear
+
+    torch.manual_seed(8)
+    q = QuantLinear.from_linear(nn.Linear(40, 24, bias=True))
+    layer = LoraLinear(q, r=4, alpha=8, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 40)
+    torch.manual_seed(9)
+    got = layer(x)
+    torch.manual_seed(9)
+    kept = _f64(torch.nn.functional.dropout(x, 0.5, training=True))
+    w = nf4_dequant(q.quant_weight(), torch.float32).double()
+    want = _f64(x) @ w.T + _f64(q.bias) + 2.0 * (kept @ _f64(layer.lora_A).T) @ _f64(layer.lora_B).T
+    assert (got.double() - want).abs().max().item() <= 1e-4
+    got.sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0

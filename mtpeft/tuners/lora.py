@@ -8,9 +8,7 @@ are passed to a fused kernel together with the base weight.
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -48,20 +46,22 @@ class LoraLinear(WrappedLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = getattr(self.base, "forward_with_lora", None)
-        if fused is not None:
-            if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-                return fused(x, self.lora_A, self.lora_B, self.scaling)
-            _warn_dropout_unfused()
-        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + delta * self.scaling
+        return lora_forward(self.base, x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training)
 
 
-@functools.lru_cache(maxsize=1)
-def _warn_dropout_unfused() -> None:
-    warnings.warn("peft.dropout > 0: the fused NF4+LoRA kernel has no dropout, so LoRA layers on a 4-bit "
-                  "base run the unfused reference path while training; set peft.dropout: 0 to use the kernel",
-                  stacklevel=3)
+def lora_forward(base: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 dropout: nn.Module, training: bool) -> torch.Tensor:
+    """``base(x) + s·dropout(x)·Aᵀ·Bᵀ``. On a 4-bit base one fused NF4 op does it all, dropout included
+    (its LoRA branch reads ``lora_x = dropout(x)``)."""
+    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if hasattr(base, "forward_with_lora"):
+        if isinstance(dropout, nn.Identity) or not training:
+            return base.forward_with_lora(x, a, b, scaling)
+        from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
+
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        return nf4_lora_linear(x, base.quant_weight(), a, b, scaling, bias, lora_x=dropout(x))
+    return base(x) + F.linear(F.linear(dropout(x), a), b) * scaling
 
 
 def inject_lora(model: nn.Module, settings: LoraSettings, key: str = "peft.target_modules") -> list[str]:

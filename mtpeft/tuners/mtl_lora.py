@@ -12,11 +12,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mtpeft.tuners.base import TaskSelector, Tuner, WrappedLinear
 from mtpeft.tuners.family import find_linears, replace_module
-from mtpeft.tuners.lora import LoraSettings, _warn_dropout_unfused
+from mtpeft.tuners.lora import LoraSettings, lora_forward
 
 
 class MtlLoraLinear(WrappedLinear):
@@ -34,14 +33,8 @@ class MtlLoraLinear(WrappedLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task_a = (self.lora_T[self.selector.current()].unsqueeze(1) * self.lora_A).to(x.dtype)
-        fused = getattr(self.base, "forward_with_lora", None)
-        if fused is not None:
-            if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-                return fused(x, task_a, self.lora_B, self.scaling)
-            _warn_dropout_unfused()
-        delta = F.linear(F.linear(self.lora_dropout(x), task_a), self.lora_B.to(x.dtype))
-        return self.base(x) + delta * self.scaling
+        task_a = self.lora_T[self.selector.current()].unsqueeze(1) * self.lora_A
+        return lora_forward(self.base, x, task_a, self.lora_B, self.scaling, self.lora_dropout, self.training)
 
 
 class MtlLoraTuner(Tuner):
