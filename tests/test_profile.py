@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from distributed import REPO, tiny_config
 from mtpeft.profile import profile_cli
@@ -64,7 +65,7 @@ def test_tokens_per_second_is_tokens_over_seconds_of_the_log(profiled):
 
 def test_flops_per_step_equal_step_flops_on_the_recorded_shapes(profiled):
     _, r = profiled
-    tasks = {t["name"]: t["kind"] for t in __import__("yaml").safe_load((REPO / "configs/demo.yaml").read_text())["tasks"]}
+    tasks = {t["name"]: t["kind"] for t in yaml.safe_load((REPO / "configs/demo.yaml").read_text())["tasks"]}
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for step in r["flops_per_step"]:
         expected = 0
