@@ -110,6 +110,31 @@ def test_single_process_stream_equals_quantize_model(tiny):
         assert torch.equal(got(input_ids=_ids()).logits, _reference_logits(model))
 
 
+def _qwen2_tied():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stream_matches_from_pretrained_with_biases_tied_head_and_dtype(tmp_path, dtype):
+    """Qwen2: q/k/v biases, lm_head tied to the embeddings (absent from the files)."""
+    from transformers import AutoModelForCausalLM
+
+    _qwen2_tied().save_pretrained(tmp_path, max_shard_size="60KB")
+    assert "lm_head.weight" not in _index(tmp_path)["weight_map"]
+    ref = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype), skip=("lm_head",)).eval()
+    got = load_quantized_backbone(tmp_path, None, dtype)
+    assert got.lm_head.weight is got.model.embed_tokens.weight and got.lm_head.weight.dtype == dtype
+    q = got.model.layers[1].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.bias is not None and q.weight_dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=_ids()).logits, ref(input_ids=_ids()).logits)
+
+
 def test_loads_bitsandbytes_checkpoint_without_requantizing(tiny, tmp_path):
     """Every linear written by bitsandbytes itself (quantize_4bit + QuantState.as_dict(packed=True))."""
     BF = pytest.importorskip("bitsandbytes.functional")
