@@ -198,3 +198,24 @@ def test_empty_batch(monkeypatch, kernels):
     y.sum().backward()
     assert y.shape == (2, 0, 33) and x.grad.shape == x.shape
     assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_weight_given_as_callable_is_asked_again_in_backward(monkeypatch, kernels):
+    """QuantLinear passes its ``quant_weight``: under ZeRO-3 backward then reads re-gathered bytes."""
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    q, _ = bnb_nf4(torch.randn(33, 64), True)
+    calls = []
+
+    def source():
+        calls.append(1)
+        return q
+
+    x, a, b = torch.randn(5, 64, requires_grad=True), torch.randn(3, 64), torch.randn(33, 3)
+    y = nf4_lora_linear(x, source, a, b, 0.5)
+    y.backward(torch.ones_like(y))
+    assert len(calls) == 2
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = nf4_lora_linear(x_ref, q, a, b, 0.5)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
 from mtpeft.kernels.triton_compat import cast, dot
-from mtpeft.kernels.nf4_lora_linear_reference import nf4_lora_linear_reference
+from mtpeft.kernels.nf4_lora_linear_reference import WeightSource, nf4_lora_linear_reference, resolve_weight
 from mtpeft.quant.nf4_format import NF4Weight
 
 def _gemm_configs() -> list:
@@ -252,7 +252,8 @@ class NF4LoRALinearFunction(torch.autograd.Function):
     fused kernel without the LoRA tail and d lora_x is returned separately for autograd to route."""
 
     @staticmethod
-    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
+    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, source: WeightSource, scaling: float):
+        qweight = resolve_weight(source)
         lead, k = x.shape[:-1], x.shape[-1]
         _check_weight(qweight, k)
         x2 = x.reshape(-1, k)
@@ -284,7 +285,8 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 PAIRED=k % 2 == 0, ALIGNED=k % qweight.blocksize == 0,
                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r),
             )
-        ctx.qweight, ctx.scaling, ctx.lead, ctx.has_lora = qweight, scaling, lead, has_lora
+        ctx.source, ctx.scaling, ctx.lead, ctx.has_lora = source, scaling, lead, has_lora
+        ctx.n, ctx.k = n, k
         ctx.separate_lora_x = lora_x is not None
         ctx.dtypes = (lora_A.dtype if has_lora else None, lora_B.dtype if has_lora else None,
                       bias.dtype if bias is not None else None, ia3.dtype if ia3 is not None else None)
@@ -296,9 +298,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         lx2, xa, lora_A, lora_B, ia3, ypre = ctx.saved_tensors
-        q, s = ctx.qweight, ctx.scaling
-        n = int(q.shape[0])
-        k = int(q.shape[1])
+        s, n, k = ctx.scaling, ctx.n, ctx.k
         dy2 = dy.reshape(-1, n)  # any strides: the kernel takes them
         m = dy2.shape[0]
         dtype = dy2.dtype
@@ -328,6 +328,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
             lora_tail = ctx.has_lora and not ctx.separate_lora_x
             dx = empty_output((m, k), dtype, dy2.device)
             if m > 0:
+                q = resolve_weight(ctx.source)  # only dx reads the weight
                 qargs = _quant_args(q, dy2.device)
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
                 _dx_kernel[grid](
@@ -348,7 +349,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
 
 def nf4_lora_linear(
     x: torch.Tensor,
-    qweight: NF4Weight,
+    qweight: WeightSource,
     lora_A: Optional[torch.Tensor],
     lora_B: Optional[torch.Tensor],
     scaling: float,
@@ -358,7 +359,8 @@ def nf4_lora_linear(
 ) -> torch.Tensor:
     """``(x·deq(W)ᵀ + scaling·(lora_x·Aᵀ)·Bᵀ + bias) * ia3`` with W frozen NF4; lora_x defaults to x.
 
-    x ``[..., K]``; qweight of shape ``[N, K]``; lora_A ``[r, K]`` and lora_B ``[N, r]`` (both None for
+    x ``[..., K]``; qweight of shape ``[N, K]``, or a zero-argument callable returning it (e.g. a
+    QuantLinear's ``quant_weight``; asked again in backward, see ``resolve_weight``); lora_A ``[r, K]`` and lora_B ``[N, r]`` (both None for
     an IA3-only or frozen layer); bias and ia3 ``[N]``; lora_x like x, for LoRA dropout: pass
     ``dropout(x)`` and autograd carries its gradient back through the dropout. Gradients flow to
     x, lora_x, lora_A, lora_B, ia3 and (if it requires one) bias. Triton on CUDA, the torch

@@ -8,11 +8,20 @@ which is what keeps a 4-bit base 4-bit in memory during training.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from mtpeft.quant.nf4_format import NF4Weight
+
+
+WeightSource = Union[NF4Weight, Callable[[], NF4Weight]]
+
+
+def resolve_weight(source: WeightSource) -> NF4Weight:
+    """The NF4 weight now. A callable source is asked again in backward, so under ZeRO-3 backward
+    reads the re-gathered parameters instead of keeping forward's gathered bytes alive until then."""
+    return source() if callable(source) else source
 
 
 def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -25,8 +34,8 @@ def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 class NF4LoRALinearReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, qweight: NF4Weight, scaling: float):
-        w = _dequantize(qweight, x.dtype)
+    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, qweight: WeightSource, scaling: float):
+        w = _dequantize(resolve_weight(qweight), x.dtype)
         y = x @ w.t()
         lx = x if lora_x is None else lora_x
         xa = None
@@ -64,7 +73,7 @@ class NF4LoRALinearReference(torch.autograd.Function):
                 d_b = ((dy2.t() @ xa.reshape(-1, xa.shape[-1])) * s).to(lora_B.dtype)
             d_lora_in = (g @ lora_A.to(dy.dtype)).reshape(lx.shape)
         if need_x:
-            dx = dy @ _dequantize(ctx.qweight, dy.dtype)
+            dx = dy @ _dequantize(resolve_weight(ctx.qweight), dy.dtype)
             if d_lora_in is not None and not ctx.separate_lora_x:
                 dx = dx + d_lora_in
         if need_lx:
@@ -74,7 +83,7 @@ class NF4LoRALinearReference(torch.autograd.Function):
 
 def nf4_lora_linear_reference(
     x: torch.Tensor,
-    qweight: NF4Weight,
+    qweight: WeightSource,
     lora_A: Optional[torch.Tensor],
     lora_B: Optional[torch.Tensor],
     scaling: float,
