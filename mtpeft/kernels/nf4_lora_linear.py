@@ -360,8 +360,9 @@ def nf4_lora_linear(
     """``(x·deq(W)ᵀ + scaling·(lora_x·Aᵀ)·Bᵀ + bias) * ia3`` with W frozen NF4; lora_x defaults to x.
 
     x ``[..., K]``; qweight of shape ``[N, K]``, or a zero-argument callable returning it (e.g. a
-    QuantLinear's ``quant_weight``; asked again in backward, see ``resolve_weight``); lora_A ``[r, K]`` and lora_B ``[N, r]`` (both None for
-    an IA3-only or frozen layer); bias and ia3 ``[N]``; lora_x like x, for LoRA dropout: pass
+    QuantLinear's ``quant_weight``; asked again in backward, see ``resolve_weight``); lora_A
+    ``[r, K]`` and lora_B ``[N, r]`` (both None for an IA3-only or frozen layer); bias and ia3
+    ``[N]``; lora_x like x, for LoRA dropout: pass
     ``dropout(x)`` and autograd carries its gradient back through the dropout. Gradients flow to
     x, lora_x, lora_A, lora_B, ia3 and (if it requires one) bias. Triton on CUDA, the torch
     reference on CPU (see backend).
