@@ -21,6 +21,7 @@ from mtpeft.quant.streaming_loader import load_quantized_backbone
 from distributed import REPO, deepspeed_cmd, env
 
 SCRIPT = REPO / "tests" / "dist_scripts" / "streaming_load.py"
+MISSING = "model.layers.3.mlp.up_proj.weight"
 
 
 def _llama(vocab, hidden, inter, layers, seed=0) -> LlamaForCausalLM:
@@ -36,11 +37,18 @@ def zero3_runs(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("sharded_llama")
     _llama(1024, 512, 1536, 6).save_pretrained(ckpt, max_shard_size="20MB")
     assert len(list(ckpt.glob("*.safetensors"))) >= 4
+    broken = tmp_path_factory.mktemp("broken_llama")  # the same shards, an index missing one key
+    for f in ckpt.iterdir():
+        (broken / f.name).symlink_to(f)
+    (broken / "model.safetensors.index.json").unlink()
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    del index["weight_map"][MISSING]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     out = tmp_path_factory.mktemp("streaming_out")
     e = dict(env(), DS_ACCELERATOR="cpu", MTPEFT_KERNELS="torch")
     ref = subprocess.Popen([sys.executable, str(SCRIPT), "reference", str(ckpt), str(out)], env=e,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    cmd = deepspeed_cmd(2, str(SCRIPT), "zero3", str(ckpt), str(out))
+    cmd = deepspeed_cmd(2, str(SCRIPT), "zero3", str(ckpt), str(out), str(broken))
     proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=400, cwd=str(REPO))
     ref_log = ref.communicate(timeout=300)[0]
     assert ref.returncode == 0, ref_log[-3000:]
@@ -72,6 +80,13 @@ def test_zero3_stream_forward_equals_full_load(zero3_runs):
     got = torch.load(out / "zero3_logits.pt")
     assert got.shape == expected.shape == (1, 12, 1024)
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-6
+
+
+def test_zero3_stream_error_reaches_every_rank(zero3_runs):
+    """Rank 0 reads; a key missing halfway must stop all ranks with its message, not hang them."""
+    ranks, _, _ = zero3_runs
+    for r in ranks:
+        assert r["broken_error"] and f"missing key '{MISSING}'" in r["broken_error"], r
 
 
 # ---- single process (no ZeRO-3): same streaming path, tiny model ----

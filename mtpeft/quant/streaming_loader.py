@@ -2,11 +2,11 @@
 
 The usual transformers + bitsandbytes + ZeRO-3 path materializes the whole model on every rank
 before DeepSpeed partitions it (about 18 GB per rank for a 4-bit 34B). Here the model skeleton is
-built with its parameters on the ``meta`` device (no memory), then each module is materialized from
-the checkpoint's safetensors one at a time: a linear weight is read, quantized to NF4 (or taken as
-it is when bitsandbytes already quantized it), wrapped in a QuantLinear and handed to
-``deepspeed.zero.Init(module=...)``, which keeps only this rank's slice. A rank's peak is therefore
-about its own shard plus one full-size layer.
+built with its parameters on the ``meta`` device (no memory), then materialized one module at a
+time: rank 0 reads the module's tensors from the safetensors shards, quantizes a linear weight to
+NF4 (or takes it as it is when bitsandbytes already quantized it) and wraps it in a QuantLinear;
+``deepspeed.zero.Init(module=...)`` broadcasts the bytes and every rank keeps only its slice. A
+rank's peak is therefore about its own shard plus one full-size layer.
 
 Each shard file is opened (memory-mapped) only for the tensors of the module being built and closed
 again, so file pages read through the map do not stay resident in the process either.
@@ -17,15 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from mtpeft.errors import CheckpointError
+from mtpeft.errors import CheckpointError, UserError
 from mtpeft.quant.bnb_interop import _QS_KEY, from_bnb_state_dict
 from mtpeft.quant.linear import QuantLinear, _is_skipped
 from mtpeft.quant.nf4 import quantize_nf4
+from mtpeft.quant.nf4_format import NF4Weight
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -173,7 +174,7 @@ def _checked(ckpt: ShardedCheckpoint, key: str, tensor: torch.Tensor, shape: tor
 
 
 def _quant_linear(ckpt: ShardedCheckpoint, name: str, meta: nn.Linear, dtype: torch.dtype,
-                  double_quant: bool, blocksize: int) -> QuantLinear:
+                  double_quant: bool, blocksize: int, device: Union[str, torch.device]) -> QuantLinear:
     wkey = f"{name}.weight"
     bias = None
     if meta.bias is not None:
@@ -187,7 +188,9 @@ def _quant_linear(ckpt: ShardedCheckpoint, name: str, meta: nn.Linear, dtype: to
                                   f"model config gives {tuple(meta.weight.shape)}")
         return QuantLinear.from_nf4(q, bias)
     weight = _checked(ckpt, wkey, ckpt.read([wkey])[wkey], meta.weight.shape).to(dtype)
-    return QuantLinear.from_nf4(quantize_nf4(weight, blocksize, double_quant), bias)
+    q = quantize_nf4(weight.to(device), blocksize, double_quant)
+    del weight
+    return QuantLinear.from_nf4(q, bias).to("cpu")
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
@@ -204,21 +207,89 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+class _RankZeroReads:
+    """Under ZeRO-3 only global rank 0 opens the files and quantizes.
+
+    Every other rank learns each module's storage layout (or rank 0's error) from one small object
+    broadcast, allocates empty tensors of that layout, and receives the bytes in the broadcast that
+    ``zero.Init`` performs anyway before partitioning. A shared file system then serves one read of
+    the checkpoint instead of one per rank, and NF4 bytes (4x fewer than bf16) cross the network.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.reader = True
+        if enabled:
+            import torch.distributed as dist
+
+            self.dist = dist
+            self.reader = dist.get_rank() == 0
+
+    def agree(self, read: Callable[[], Any], describe: Callable[[Any], Any], empty: Callable[[Any], Any]) -> Any:
+        if not self.enabled:
+            return read()
+        box: list = [None]
+        obj, failure = None, None
+        if self.reader:
+            try:
+                obj = read()
+                box[0] = ("ok", describe(obj))
+            except Exception as exc:  # every rank must leave the broadcast, then all raise
+                failure = exc
+                box[0] = ("error", str(exc) if isinstance(exc, UserError) else f"rank 0: {exc!r}")
+        self.dist.broadcast_object_list(box, src=0)
+        status, payload = box[0]
+        if failure is not None:
+            raise failure
+        if status == "error":
+            raise CheckpointError(payload)
+        return obj if self.reader else empty(payload)
+
+
+def _quant_layout(module: QuantLinear) -> dict:
+    bias = module.bias
+    return {"shape": list(module.weight_shape), "dtype": str(module.weight_dtype), "blocksize": module.blocksize,
+            "stored": {name: (str(dt), n) for name, (dt, n) in module._layout.items()},
+            "offset": module._offset, "bias": None if bias is None else (list(bias.shape), str(bias.dtype))}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+def _empty_quant_linear(layout: dict) -> QuantLinear:
+    """A QuantLinear with rank 0's layout and uninitialized bytes (zero.Init's broadcast fills them)."""
+    stored = {name: torch.empty(n, dtype=_dtype(dt)) for name, (dt, n) in layout["stored"].items()}
+    q = NF4Weight(packed=stored["packed"], absmax=stored["absmax"], shape=torch.Size(layout["shape"]),
+                  dtype=_dtype(layout["dtype"]), blocksize=layout["blocksize"],
+                  absmax_scale=stored.get("absmax_scale"), absmax_code=stored.get("absmax_code"),
+                  absmax_offset=layout["offset"] if "absmax_scale" in stored else None)
+    bias = None if layout["bias"] is None else torch.empty(layout["bias"][0], dtype=_dtype(layout["bias"][1]))
+    return QuantLinear.from_nf4(q, bias)
+
+
 def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict, str, Path, None],
                             dtype: torch.dtype = torch.float32, skip: Iterable[str] = ("lm_head",),
-                            double_quant: bool = True, blocksize: int = 64) -> nn.Module:
+                            double_quant: bool = True, blocksize: int = 64,
+                            quantize_device: Union[str, torch.device] = "cpu") -> nn.Module:
     """A frozen causal LM whose ``nn.Linear`` layers (except ``skip``) are QuantLinear, loaded by streaming.
 
     With a ZeRO-3 ``ds_config`` (dict or JSON path) every parameter is partitioned as soon as it is
-    loaded (call after ``deepspeed.init_distributed``; all ranks must call it). Without one (or with
-    stage < 3) the same streaming builds an ordinary in-memory model. Linear weights are cast to
-    ``dtype`` and then quantized, exactly as ``from_pretrained(dtype=...)`` + ``quantize_model``
-    would; a module stored 4-bit by bitsandbytes is loaded as stored (never re-quantized, even if
-    ``skip`` names it). Missing shards or keys and shape mismatches raise CheckpointError.
+    loaded; call it on all ranks after ``deepspeed.init_distributed``. Rank 0 reads the checkpoint;
+    the other ranks need only ``config.json``. Without ZeRO-3 (None, or stage < 3) the same
+    streaming builds an ordinary CPU model. Linear weights are cast to ``dtype`` and quantized
+    exactly as ``from_pretrained(dtype=...)`` + ``quantize_model`` would on CPU; ``quantize_device=
+    "cuda"`` is much faster for large models (its double-quant offset, a mean, may round
+    differently). A module stored 4-bit by bitsandbytes is loaded as stored, never re-quantized,
+    even if ``skip`` names it. Missing shards or keys and shape mismatches raise CheckpointError
+    on every rank.
     """
-    ckpt = ShardedCheckpoint(path_or_dir)
-    model = build_skeleton(ckpt.folder, dtype)
-    partition = _partitioner(_zero3_config(ds_config))
+    zero3 = _zero3_config(ds_config)
+    ranks = _RankZeroReads(zero3 is not None)
+    path = Path(path_or_dir)
+    ckpt = ranks.agree(lambda: ShardedCheckpoint(path), lambda c: None, lambda _: None)
+    model = build_skeleton(ckpt.folder if ckpt is not None else _config_folder(path), dtype)
+    partition = _partitioner(zero3)
     skip = tuple(skip)
     trim = _heap_trimmer()
     loaded: dict[int, nn.Parameter] = {}  # meta param id -> real one, so tied weights stay tied
@@ -226,27 +297,44 @@ def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
-        if isinstance(module, nn.Linear) and not _is_skipped(name, skip) or _stored_4bit(ckpt, name, module):
-            new = _quant_linear(ckpt, name, module, dtype, double_quant, blocksize)
+        needed = [(p_name, p) for p_name, p in own if id(p) not in loaded]
+
+        def read(name=name, module=module, needed=needed):
+            if isinstance(module, nn.Linear) and (not _is_skipped(name, skip) or _stored_4bit(ckpt, name)):
+                return _quant_linear(ckpt, name, module, dtype, double_quant, blocksize, quantize_device)
+            return _read_params(ckpt, name, needed, dtype)
+
+        def empty(layout, needed=needed):
+            if layout is not None:
+                return _empty_quant_linear(layout)
+            return {p_name: torch.empty(p.shape, dtype=dtype) for p_name, p in needed}
+
+        new = ranks.agree(read, lambda obj: _quant_layout(obj) if isinstance(obj, QuantLinear) else None, empty)
+        if isinstance(new, QuantLinear):
             partition(list(new.parameters()))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-            trim()
-            continue
-        fresh = {}
-        needed = [(p_name, p) for p_name, p in own if id(p) not in loaded]
-        tensors = ckpt.read([f"{name}.{p_name}" for p_name, _ in needed])
-        for p_name, p in needed:
-            key = f"{name}.{p_name}"
-            value = _checked(ckpt, key, tensors.pop(key), p.shape)
-            fresh[p_name] = loaded[id(p)] = nn.Parameter(value.to(dtype), requires_grad=False)
-        partition(list(fresh.values()))
-        for p_name, p in own:
-            setattr(module, p_name, fresh.get(p_name, loaded.get(id(p))))
+        else:
+            fresh = {p_name: nn.Parameter(t, requires_grad=False) for p_name, t in new.items()}
+            loaded.update({id(p): fresh[p_name] for p_name, p in needed})
+            partition(list(fresh.values()))
+            for p_name, p in own:
+                setattr(module, p_name, loaded[id(p)])
+        del new
         trim()
     model.requires_grad_(False)
     return model.eval()
 
 
-def _stored_4bit(ckpt: ShardedCheckpoint, name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and f"{name}.weight.{_QS_KEY}" in ckpt
+def _config_folder(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _read_params(ckpt: ShardedCheckpoint, name: str, needed: list, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = ckpt.read([f"{name}.{p_name}" for p_name, _ in needed])
+    return {p_name: _checked(ckpt, f"{name}.{p_name}", tensors[f"{name}.{p_name}"], p.shape).to(dtype)
+            for p_name, p in needed}
+
+
+def _stored_4bit(ckpt: ShardedCheckpoint, name: str) -> bool:
+    return f"{name}.weight.{_QS_KEY}" in ckpt

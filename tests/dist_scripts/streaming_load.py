@@ -2,8 +2,9 @@
 
 ``streaming_load.py reference CKPT OUT_DIR`` (one process): ``from_pretrained`` + ``quantize_model``,
 the way a model is loaded without mtpeft's loader; writes reference.json and reference_logits.pt.
-``deepspeed --num_gpus 2 streaming_load.py zero3 CKPT OUT_DIR``: each rank streams the checkpoint
-under ZeRO-3 and writes rank<k>.json; rank 0 also saves the ZeRO-3 forward's logits.
+``deepspeed --num_gpus 2 streaming_load.py zero3 CKPT OUT_DIR [BROKEN_CKPT]``: each rank streams the
+checkpoint under ZeRO-3 and writes rank<k>.json; rank 0 also saves the ZeRO-3 forward's logits. With
+BROKEN_CKPT (a key missing halfway), each rank also records the error it got loading that.
 Peak growth is VmHWM (reset through /proc/self/clear_refs) minus VmRSS just before the load.
 """
 
@@ -61,11 +62,12 @@ def reference(ckpt: str, out: str) -> None:
         json.dump({"peak_growth_kb": growth}, f)
 
 
-def zero3(ckpt: str, out: str) -> None:
+def zero3(ckpt: str, out: str, broken: str = "") -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch.distributed as dist
 
+    from mtpeft.errors import CheckpointError
     from mtpeft.quant import QuantLinear
     from mtpeft.quant.streaming_loader import load_quantized_backbone
 
@@ -96,6 +98,12 @@ def zero3(ckpt: str, out: str) -> None:
         "total_quant_elements": sum(p.ds_numel for p in quant),
         "all_partitioned": all(p.numel() == 0 for p in model.parameters()),
     }
+    if broken:
+        try:
+            load_quantized_backbone(broken, ds_config, torch.float32)
+            result["broken_error"] = None
+        except CheckpointError as exc:
+            result["broken_error"] = str(exc)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -106,6 +114,10 @@ if __name__ == "__main__":
     parser.add_argument("mode", choices=("reference", "zero3"))
     parser.add_argument("ckpt")
     parser.add_argument("out")
+    parser.add_argument("broken", nargs="?", default="")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
-    (reference if args.mode == "reference" else zero3)(args.ckpt, args.out)
+    if args.mode == "reference":
+        reference(args.ckpt, args.out)
+    else:
+        zero3(args.ckpt, args.out, args.broken)
