@@ -128,10 +128,12 @@ class QuantLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if torch.is_grad_enabled() and x.requires_grad:
             # through the op that dequantizes again in backward: autograd would otherwise keep
-            # every layer's dequantized bf16 weight alive until backward (4x the 4-bit base)
+            # every layer's dequantized bf16 weight alive until backward (4x the 4-bit base).
+            # The weight goes in as a callable, re-read in backward, where ZeRO-3 has gathered
+            # the parameters again, so forward's gathered bytes are not kept alive either.
             from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 
-            return nf4_lora_linear(x, self.quant_weight(), None, None, 1.0, bias)
+            return nf4_lora_linear(x, self.quant_weight, None, None, 1.0, bias)
         from mtpeft.kernels.nf4_dequant import nf4_dequant
 
         return F.linear(x, nf4_dequant(self.quant_weight(), x.dtype), bias)
@@ -143,7 +145,7 @@ class QuantLinear(nn.Module):
         from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return nf4_lora_linear(x, self.quant_weight(), lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, bias)
+        return nf4_lora_linear(x, self.quant_weight, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantLinear":
         storage = {id(p) for p in self.quant_parameters()}
