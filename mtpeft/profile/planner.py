@@ -187,17 +187,17 @@ class PlanSettings:
 
 
 def lora_dropout(s: PlanSettings) -> float:
-    """Unset: 0 on an NF4 base (the fused NF4+LoRA kernel has no dropout), 0.05 otherwise."""
+    """Unset: 0 on an NF4 base (as configs/demo_nf4.yaml; the fused kernel also takes dropout), 0.05 otherwise."""
     value = s.peft.get("dropout")
     return float(value) if value is not None else (0.0 if s.quant == "nf4" else 0.05)
 
 
 def dequantized_weight_saved(s: PlanSettings) -> bool:
-    """Unset: mtpeft's NF4 base runs the fused kernel (nothing saved) only for LoRA without dropout;
-    otherwise ``QuantLinear.forward`` dequantizes and calls ``F.linear``, which saves the weight."""
+    """Unset: never for mtpeft, whose ``QuantLinear`` trains through an op that dequantizes again
+    in backward; set it to model a base that calls ``F.linear`` on the dequantized weight."""
     if s.saves_dequantized_weight is not None:
         return s.saves_dequantized_weight
-    return s.quant == "nf4" and not (s.peft.method == "lora" and lora_dropout(s) == 0)
+    return False
 
 
 def per_rank(nbytes: int, world: int, element: int = 2) -> int:

@@ -31,7 +31,8 @@ def evaluate_task(model, task, tok, ctx: DistContext, max_len: int, batch_size: 
         chunk = mine[start:start + batch_size]
         rows = [examples[i] for i in chunk]
         if kind.name == "generate":
-            preds = kind.generate(model, [kind.prompt_ids(r, tok, max_len) for r in rows], tok, synced=ctx.world > 1)
+            preds = kind.generate(model, [kind.prompt_ids(r, tok, max_len) for r in rows], tok, synced=ctx.world > 1,
+                                  task=task.name)
         else:
             batch = kind.collate([kind.encode(r, tok, max_len) for r in rows], tok.pad_token_id)
             preds = kind.predict(model, task.name, batch)

@@ -41,7 +41,7 @@ class IA3Linear(WrappedLinear):
             from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 
             bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-            return nf4_lora_linear(x, self.base.quant_weight(), None, None, 1.0, bias, ia3=scale)
+            return nf4_lora_linear(x, self.base.quant_weight, None, None, 1.0, bias, ia3=scale)
         return self.base(x) * scale
 
 

@@ -60,7 +60,7 @@ def lora_forward(base: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B:
         from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 
         bias = base.bias.to(x.dtype) if base.bias is not None else None
-        return nf4_lora_linear(x, base.quant_weight(), a, b, scaling, bias, lora_x=dropout(x))
+        return nf4_lora_linear(x, base.quant_weight, a, b, scaling, bias, lora_x=dropout(x))
     return base(x) + F.linear(F.linear(dropout(x), a), b) * scaling
 
 
