@@ -177,6 +177,18 @@ def test_loads_bitsandbytes_checkpoint_without_requantizing(tiny, tmp_path):
         assert torch.equal(got(input_ids=_ids()).logits, _reference_logits(model))
 
 
+def test_base_model_class_reads_a_checkpoint_saved_with_its_head(tiny):
+    """AutoModel (LlamaModel: ``layers.0...``) from a LlamaForCausalLM save (``model.layers.0...``)."""
+    from transformers import AutoModel
+
+    path, _ = tiny
+    ref = quantize_model(AutoModel.from_pretrained(path, dtype=torch.float32)).eval()
+    got = load_quantized_backbone(path, None, torch.float32, model_class=AutoModel)
+    assert type(got).__name__ == "LlamaModel" and isinstance(got.layers[0].self_attn.o_proj, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=_ids()).last_hidden_state, ref(input_ids=_ids()).last_hidden_state)
+
+
 def _index(path: Path) -> dict:
     return json.loads((path / "model.safetensors.index.json").read_text())
 

@@ -50,6 +50,7 @@ class ShardedCheckpoint:
         self.source = path
         self.folder = path.parent
         self.key_to_file: dict[str, Path] = {}
+        self._add, self._strip = "", ""
         if path.name.endswith(".json"):
             self._read_index(path)
         else:
@@ -78,11 +79,28 @@ class ShardedCheckpoint:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
 
+    def align_to(self, model_keys: list[str], base_prefix: str) -> None:
+        """Let a base model (``AutoModel``: ``layers.0...``) read a checkpoint saved with its head
+        (``model.layers.0...``), and the reverse, as ``from_pretrained`` does."""
+        if not base_prefix or any(k in self.key_to_file for k in model_keys):
+            return
+        head = base_prefix + "."
+        if any(head + k in self.key_to_file for k in model_keys):
+            self._add = head
+        elif any(k.startswith(head) and k[len(head):] in self.key_to_file for k in model_keys):
+            self._strip = head
+
+    def _stored(self, key: str) -> str:
+        if self._strip and key.startswith(self._strip):
+            return key[len(self._strip):]
+        return self._add + key
+
     def __contains__(self, key: str) -> bool:
-        return key in self.key_to_file
+        return self._stored(key) in self.key_to_file
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
-        return [k for k in self.key_to_file if k.startswith(prefix)]
+        stored = self._stored(prefix)
+        return [prefix + k[len(stored):] for k in self.key_to_file if k.startswith(stored)]
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors of ``keys``, each file opened once and closed before returning."""
@@ -90,20 +108,20 @@ class ShardedCheckpoint:
 
         by_file: dict[Path, list[str]] = {}
         for key in keys:
-            if key not in self.key_to_file:
-                raise CheckpointError(f"{self.source}: missing key '{key}'; the checkpoint does not match "
-                                      f"the model config in {self.folder}")
-            by_file.setdefault(self.key_to_file[key], []).append(key)
+            if key not in self:
+                raise CheckpointError(f"{self.source}: missing key '{self._stored(key)}'; the checkpoint does not "
+                                      f"match the model config in {self.folder}")
+            by_file.setdefault(self.key_to_file[self._stored(key)], []).append(key)
         out = {}
         for shard, shard_keys in by_file.items():
             try:
                 with safe_open(str(shard), framework="pt", device="cpu") as f:
                     present = set(f.keys())
                     for key in shard_keys:
-                        if key not in present:
-                            raise CheckpointError(f"{shard}: key '{key}' is listed in {self.source.name} "
+                        if self._stored(key) not in present:
+                            raise CheckpointError(f"{shard}: key '{self._stored(key)}' is listed in {self.source.name} "
                                                   f"but absent from the shard; the index is stale")
-                        out[key] = f.get_tensor(key)
+                        out[key] = f.get_tensor(self._stored(key))
             except CheckpointError:
                 raise
             except Exception as exc:
@@ -111,7 +129,7 @@ class ShardedCheckpoint:
         return out
 
     def where(self, key: str) -> Path:
-        return self.key_to_file.get(key, self.source)
+        return self.key_to_file.get(self._stored(key), self.source)
 
 
 @contextlib.contextmanager
@@ -193,8 +211,9 @@ def _quant_linear(ckpt: ShardedCheckpoint, name: str, meta: nn.Linear, dtype: to
     return QuantLinear.from_nf4(q, bias).to("cpu")
 
 
-def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``folder/config.json`` with meta parameters and real buffers."""
+def build_skeleton(folder: Path, dtype: torch.dtype, model_class: Any = None) -> nn.Module:
+    """``model_class`` (default ``AutoModelForCausalLM``) of ``folder/config.json`` with meta
+    parameters and real buffers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -204,7 +223,7 @@ def build_skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the 4-bit layers are built here, not by transformers
     with parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
 
 
 class _RankZeroReads:
@@ -271,7 +290,7 @@ def _empty_quant_linear(layout: dict) -> QuantLinear:
 def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict, str, Path, None],
                             dtype: torch.dtype = torch.float32, skip: Iterable[str] = ("lm_head",),
                             double_quant: bool = True, blocksize: int = 64,
-                            quantize_device: Union[str, torch.device] = "cpu") -> nn.Module:
+                            quantize_device: Union[str, torch.device] = "cpu", model_class: Any = None) -> nn.Module:
     """A frozen causal LM whose ``nn.Linear`` layers (except ``skip``) are QuantLinear, loaded by streaming.
 
     With a ZeRO-3 ``ds_config`` (dict or JSON path) every parameter is partitioned as soon as it is
@@ -282,13 +301,16 @@ def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict
     "cuda"`` is much faster for large models (its double-quant offset, a mean, may round
     differently). A module stored 4-bit by bitsandbytes is loaded as stored, never re-quantized,
     even if ``skip`` names it. Missing shards or keys and shape mismatches raise CheckpointError
-    on every rank.
+    on every rank. ``model_class`` is a transformers auto class (default ``AutoModelForCausalLM``;
+    ``AutoModel`` or ``T5EncoderModel`` for encoder backbones).
     """
     zero3 = _zero3_config(ds_config)
     ranks = _RankZeroReads(zero3 is not None)
     path = Path(path_or_dir)
     ckpt = ranks.agree(lambda: ShardedCheckpoint(path), lambda c: None, lambda _: None)
-    model = build_skeleton(ckpt.folder if ckpt is not None else _config_folder(path), dtype)
+    model = build_skeleton(ckpt.folder if ckpt is not None else _config_folder(path), dtype, model_class)
+    if ckpt is not None:
+        ckpt.align_to([n for n, _ in model.named_parameters()], getattr(model, "base_model_prefix", ""))
     partition = _partitioner(zero3)
     skip = tuple(skip)
     trim = _heap_trimmer()
