@@ -73,3 +73,20 @@ def test_flops_and_times_are_reported(compared):
     _, r = compared
     for run in [r["multitask"], *r["single"].values()]:
         assert run["flops"] > 0 and run["wall_seconds"] >= run["train_seconds"] > 0
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    import yaml
+
+    from mtpeft.errors import UserError
+
+    raw = yaml.safe_load(tiny_config(tmp_path).read_text())
+    raw["tasks"] = raw["tasks"][:1]
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(raw))
+    parser = argparse.ArgumentParser()
+    compare_cli.add_arguments(parser)
+    with pytest.raises(UserError, match="at least two tasks"):
+        compare_cli.run(parser.parse_args([str(one)]))
+    with pytest.raises(UserError, match="--steps"):
+        compare_cli.run(parser.parse_args([str(one), "--steps", "-1"]))

@@ -227,11 +227,18 @@ def run_savings(cfg, out: Path, steps: int = 4, variants: Optional[List[str]] = 
     out.mkdir(parents=True, exist_ok=True)
     tasks = prepare_tasks(cfg)
     tok = load_tokenizer(cfg.model.name_or_path)
-    results = {name: train_variant(name, cfg, tasks, tok, steps) for name in (variants or VARIANTS)}
+    results, skipped = {}, {}
+    for name in variants or VARIANTS:
+        try:
+            results[name] = train_variant(name, cfg, tasks, tok, steps)
+        except ConfigError as exc:  # full fine-tuning of a large model: the study goes on without it
+            if name != "full_ft":
+                raise
+            skipped[name] = str(exc)
     flops = _schedule_flops(cfg, tasks, tok, steps)
     mt = multitask_vs_per_task(cfg, out, tasks, steps, flops)
     result = {"config": cfg.source, "steps": steps, "device": str(_device()),
-              "dtype": str(_compute_dtype()).replace("torch.", ""), "variants": results,
+              "dtype": str(_compute_dtype()).replace("torch.", ""), "variants": results, "skipped": skipped,
               "multitask_vs_per_task": mt, "flops_per_step": flops}
     write_savings_report(out, result)
     return result
@@ -300,6 +307,7 @@ def write_savings_report(out: Path, r: Dict[str, Any]) -> None:
           + (" (fp32 on CPU: bf16 matmuls are emulated there; the `lora` row is fp32 LoRA, not bf16)" if cpu else "")
           + ". Same model, same multitask schedule, same examples, LoRA dropout 0 everywhere.", "",
           report.markdown_table(HEADERS, rows), "",
+          *(f"Not run: {name}: {why}" for name, why in r["skipped"].items()), "",
           "*model states*: exact bytes of frozen weights (packed NF4 + quantization constants for the 4-bit "
           "variants), trainable parameters, gradients and AdamW states after the last step. *peak − before*: "
           + ("resident high-water mark (VmHWM, reset per variant) minus resident memory before the variant; "
