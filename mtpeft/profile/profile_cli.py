@@ -41,13 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from mtpeft.demo.launch import _free_port
-    import shutil
+    """Re-run this command under the deepspeed launcher with ``--ranks`` processes."""
+    from mtpeft.demo.launch import launcher_command
 
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), "--module",
-           "mtpeft.profile.profile_cli", str(args.config), "--steps", str(args.steps), "--out",
-           str(Path(args.out).resolve()), "--comm", args.comm, "--ranks", str(args.ranks)]
+    base = launcher_command(Path(args.config), args.ranks, 0, [])
+    cmd = base[:base.index("--module") + 1] + [
+        "mtpeft.profile.profile_cli", str(args.config), "--steps", str(args.steps), "--out",
+        str(Path(args.out).resolve()), "--comm", args.comm, "--ranks", str(args.ranks)]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     for item in args.set:
