@@ -37,7 +37,7 @@ def _strings(node):
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_template_fills_and_validates(template, tmp_path):
     cfg = _demo(template, "train.grad_accum=3")
-    ds = fill_nvme_paths(build_ds_config(cfg, 1), template, {ENV_VAR: str(tmp_path)})
+    ds = fill_nvme_paths(build_ds_config(cfg, 1), template, {ENV_VAR: str(tmp_path)}, lambda: True)
     assert "auto" not in list(_strings(ds))
     parsed = DeepSpeedConfig(ds)
     assert parsed.zero_optimization_stage == STAGES[template]
@@ -56,7 +56,7 @@ def test_offload_templates_offload_what_they_say(tmp_path):
     cpu = DeepSpeedConfig(build_ds_config(_demo("zero3_offload_cpu.json"), 1)).zero_config
     assert (cpu.offload_param.device, cpu.offload_optimizer.device) == ("cpu", "cpu")
     assert cpu.offload_param.pin_memory and cpu.offload_optimizer.pin_memory
-    ds = fill_nvme_paths(build_ds_config(_demo("zero3_offload_nvme.json"), 1), "t", {ENV_VAR: str(tmp_path)})
+    ds = fill_nvme_paths(build_ds_config(_demo("zero3_offload_nvme.json"), 1), "t", {ENV_VAR: str(tmp_path)}, lambda: True)
     nvme = DeepSpeedConfig(ds).zero_config
     assert (nvme.offload_param.device, nvme.offload_optimizer.device) == ("nvme", "nvme")
     assert str(nvme.offload_param.nvme_path) == str(nvme.offload_optimizer.nvme_path) == str(tmp_path)
@@ -65,15 +65,24 @@ def test_offload_templates_offload_what_they_say(tmp_path):
 def test_nvme_path_unset_or_missing_is_a_config_error(tmp_path):
     ds = build_ds_config(_demo("zero3_offload_nvme.json"), 1)
     with pytest.raises(ConfigError, match=rf"offload_optimizer\.nvme_path is \"auto\" but {ENV_VAR} is not set"):
-        fill_nvme_paths(json.loads(json.dumps(ds)), "zero3_offload_nvme.json", {})
+        fill_nvme_paths(json.loads(json.dumps(ds)), "zero3_offload_nvme.json", {}, lambda: True)
     with pytest.raises(ConfigError, match="is not an existing folder"):
-        fill_nvme_paths(ds, "zero3_offload_nvme.json", {ENV_VAR: str(tmp_path / "absent")})
+        fill_nvme_paths(ds, "zero3_offload_nvme.json", {ENV_VAR: str(tmp_path / "absent")}, lambda: True)
+
+
+def test_nvme_without_async_io_is_a_config_error(tmp_path):
+    ds = build_ds_config(_demo("zero3_offload_nvme.json"), 1)
+    with pytest.raises(ConfigError, match=r"zero3_offload_nvme\.json: NVMe offload needs DeepSpeed's async_io op"):
+        fill_nvme_paths(ds, "zero3_offload_nvme.json", {ENV_VAR: str(tmp_path)}, lambda: False)
+    cpu = build_ds_config(_demo("zero3_offload_cpu.json"), 1)
+    assert fill_nvme_paths(cpu, "zero3_offload_cpu.json", {}, lambda: False) == cpu  # nothing to check
 
 
 def test_explicit_nvme_path_is_kept(tmp_path):
     ds = build_ds_config(_demo("zero3_offload_nvme.json"), 1)
-    ds["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path)
-    fill_nvme_paths(ds, "t", {ENV_VAR: str(tmp_path)})
+    for section in ("offload_param", "offload_optimizer"):
+        ds["zero_optimization"][section]["nvme_path"] = str(tmp_path)
+    fill_nvme_paths(ds, "t", {ENV_VAR: str(tmp_path / "elsewhere")}, lambda: True)
     assert ds["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from mtpeft.errors import ConfigError
 
@@ -19,10 +19,26 @@ ENV_VAR = "MTPEFT_NVME_PATH"
 _SECTIONS = ("offload_optimizer", "offload_param")
 
 
-def fill_nvme_paths(ds: dict, where: str, environ: Optional[Mapping[str, str]] = None) -> dict:
+def async_io_available() -> bool:
+    """Whether DeepSpeed's async_io op (libaio) can be loaded here; NVMe offload needs it."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        return bool(AsyncIOBuilder().is_compatible(verbose=False))
+    except Exception:
+        return False
+
+
+def fill_nvme_paths(ds: dict, where: str, environ: Optional[Mapping[str, str]] = None,
+                    aio_available: Callable[[], bool] = async_io_available) -> dict:
     """Resolve every NVMe offload section's ``nvme_path`` in place; return ``ds``."""
     environ = os.environ if environ is None else environ
     zero = ds.get("zero_optimization", {})
+    uses_nvme = any(isinstance(zero.get(s), dict) and zero[s].get("device") == "nvme" for s in _SECTIONS)
+    if uses_nvme and not aio_available():
+        raise ConfigError(f"{where}: NVMe offload needs DeepSpeed's async_io op, which cannot load on "
+                          f"{os.uname().nodename} (install libaio-dev, reinstall deepspeed with DS_BUILD_AIO=1, "
+                          f"check with ds_report) or use zero3_offload_cpu.json")
     for section in _SECTIONS:
         offload = zero.get(section)
         if not isinstance(offload, dict) or offload.get("device") != "nvme":
