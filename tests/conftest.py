@@ -16,3 +16,31 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+import pytest  # noqa: E402
+
+
+import torch.nn.functional as _F  # noqa: E402
+
+_TORCH_LINEAR = _F.linear  # before any test imports deepspeed
+
+
+@pytest.fixture(autouse=True)
+def _restore_functional_linear():
+    """DeepSpeed's zero.Init replaces torch.nn.functional.linear process-wide ("will persist unless
+    manually reset"), also from module-scoped fixtures that build a ZeRO-3 engine in-process; no
+    test may see another's patch (saved tensors, recomputation and FLOP counts change)."""
+    _F.linear = _TORCH_LINEAR
+    yield
+    _F.linear = _TORCH_LINEAR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_leaks_across_modules():
+    """Tests that train in-process leave torch.distributed's default group initialised; a later
+    module that forks ranks would inherit it. Destroy it when the module that made it is done."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -285,7 +285,7 @@ def test_cluster_loss_and_gradient_are_the_same_on_two_ranks(tmp_path):
         port = s.getsockname()[1]
     out = str(tmp_path / "two_ranks.pt")
     # fork: the children need nothing re-imported (spawn would re-import transformers: ~20 s on 2 cores)
-    mp.start_processes(_cluster_rank, args=(2, port, out), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_cluster_rank, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
     two = torch.load(out)
     model, kind = TinyEmbedder(), Cluster(temperature=0.1)
     loss = kind.loss(model, "t", kind.collate(cluster_items(), 0), DistContext(0, 1))

@@ -52,6 +52,12 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
         config = AutoConfig.from_pretrained(path)
         _check_kinds(cfg, config)
         make_tuner(cfg.peft, []).check(config, cfg.model.gradient_checkpointing)
+        if cfg.model.quant == "nf4" and Path(path).is_dir():
+            # skeleton on meta, shards streamed and quantized module by module, partitioned at once:
+            # a rank's peak is its partition plus one module, not the whole model
+            from mtpeft.quant.streaming_loader import load_quantized_backbone
+
+            return load_quantized_backbone(path, ds_config, dtype, skip=("lm_head",), model_class=_auto_class(config))
         model = _auto_class(config).from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0][:160]})") from None
@@ -76,8 +82,8 @@ def _auto_class(config):
 def _check_kinds(cfg: RunConfig, config) -> None:
     if is_encoder(config):
         for i, t in enumerate(cfg.tasks):
-            if t.kind == "generate":
-                raise ConfigError(f"tasks[{i}] ({t.name}): kind generate needs a decoder (causal LM) backbone, but "
+            if t.kind in ("generate", "program_synthesis"):
+                raise ConfigError(f"tasks[{i}] ({t.name}): kind {t.kind} needs a decoder (causal LM) backbone, but "
                                   f"model.name_or_path is a {config.model_type} encoder; drop the task or use a decoder")
 
 

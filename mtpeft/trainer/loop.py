@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mtpeft.config import RunConfig, TaskConfig, dump_config
 from mtpeft.data.dist import DistContext
+from mtpeft.launch.nvme import fill_nvme_paths
 from mtpeft.data.shard import TaskStream, micro_batch_indices
 from mtpeft.tasks.kinds import make_kind
 from mtpeft.tasks.loading import load_split
@@ -178,7 +179,7 @@ def train(cfg: RunConfig) -> Path:
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    ds_config = build_ds_config(cfg, ctx.world)
+    ds_config = fill_nvme_paths(build_ds_config(cfg, ctx.world), cfg.deepspeed.config)  # node-local disk
     tok = load_tokenizer(cfg.model.name_or_path)
     model = build_model(cfg, ds_config)
     optimizer, scheduler = _optimizer(model, cfg)
