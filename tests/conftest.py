@@ -34,13 +34,3 @@ def _restore_functional_linear():
     yield
     _F.linear = _TORCH_LINEAR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _no_process_group_leaks_across_modules():
-    """Tests that train in-process leave torch.distributed's default group initialised; a later
-    module that forks ranks would inherit it. Destroy it when the module that made it is done."""
-    yield
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
