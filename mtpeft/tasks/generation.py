@@ -79,19 +79,8 @@ class Generate:
         return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
 
     def _greedy(self, model, ids, mask, tok, synced: bool, task: str | None) -> torch.Tensor:
-        """Uncached greedy decoding (each step re-reads the whole sequence): O(n²), for eval only."""
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        new = []
-        for _ in range(self.max_new_tokens):
-            nxt = model.lm_logits(ids, mask, task=task)[:, -1].argmax(-1).cpu()
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            new.append(nxt)
-            done |= nxt == tok.eos_token_id
-            ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if done.all() and not synced:
-                break
-        return torch.stack(new, dim=1)
+        return decode_uncached(model, ids, mask, tok, self.max_new_tokens, synced, task,
+                               lambda logits: logits.argmax(-1))
 
     def score(self, preds: list, examples: list[dict]) -> dict:
         refs = [e["target"] for e in examples]
@@ -102,3 +91,22 @@ class Generate:
 
 def _only(names: list[str]) -> str | None:
     return names[0] if len(names) == 1 else None
+
+
+def decode_uncached(model, ids, mask, tok, max_new_tokens: int, synced: bool, task, pick) -> torch.Tensor:
+    """Decode through ``model.lm_logits`` without a cache (each step re-reads the whole sequence:
+    O(n²), for eval only), for tuners that rewrite the inputs (prompt, prefix). ``pick`` maps the
+    last position's logits [batch, vocab] to next tokens; finished rows only get padding, and with
+    ``synced`` every ZeRO-3 rank keeps stepping until all are done."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = pick(model.lm_logits(ids, mask, task=task)[:, -1].float().cpu())
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+        new.append(nxt)
+        done |= nxt == tok.eos_token_id
+        ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if done.all() and not synced:
+            break
+    return torch.stack(new, dim=1)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mtpeft.errors import ConfigError
-from mtpeft.tasks.generation import Generate
+from mtpeft.tasks.generation import Generate, decode_uncached
 from mtpeft.tasks.pass_at_k import evaluate_problems
 
 SAMPLES = 5  # programs drawn per problem at eval (pass@k needs k ≤ SAMPLES)
@@ -98,22 +98,10 @@ class ProgramSynthesis:
 
     def _sample_uncached(self, model, task, ids, mask, synced: bool) -> torch.Tensor:
         """Temperature + nucleus sampling through ``model.lm_logits`` (prompt/prefix tuners rewrite inputs)."""
-        tok = self.tok
-        ids = ids.repeat_interleave(self.samples, 0)
-        mask = mask.repeat_interleave(self.samples, 0)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        new = []
-        for _ in range(self.max_new_tokens):
-            logits = model.lm_logits(ids, mask, task=task)[:, -1].float().cpu() / TEMPERATURE
-            nxt = torch.multinomial(nucleus(logits.softmax(-1), TOP_P), 1).squeeze(1)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)  # finished rows only pad
-            new.append(nxt)
-            done |= nxt == tok.eos_token_id
-            ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if done.all() and not synced:
-                break
-        return torch.stack(new, dim=1)
+        return decode_uncached(model, ids.repeat_interleave(self.samples, 0), mask.repeat_interleave(self.samples, 0),
+                               self.tok, self.max_new_tokens, synced, task,
+                               lambda logits: torch.multinomial(nucleus((logits / TEMPERATURE).softmax(-1), TOP_P),
+                                                                1).squeeze(1))
 
     def score(self, preds: list, examples: list[dict]) -> dict:
         tested = [i for i, e in enumerate(examples) if e.get("input_output")]
