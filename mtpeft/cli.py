@@ -59,7 +59,12 @@ def _cmd_export(args) -> int:
     from mtpeft.run_dir import load_trained_model
     from mtpeft.trainer.export import export
 
-    cfg, model = load_trained_model(Path(args.run_dir), args.source)
+    from mtpeft.run_dir import latest_checkpoint
+
+    source = args.source
+    if source == "auto":
+        source = "checkpoint" if latest_checkpoint(Path(args.run_dir)) is not None else "export"
+    cfg, model = load_trained_model(Path(args.run_dir), source)
     out = export(model, cfg, Path(args.out), DistContext())
     print(f"exported to {out}")
     return 0
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's adapter (HF peft format) and task heads")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--source", choices=("export", "checkpoint"), default="checkpoint")
+    p.add_argument("--source", choices=("auto", "export", "checkpoint"), default="auto",
+                   help="auto (default): the latest checkpoint if the run saved one, else RUN_DIR/export")
     p.set_defaults(func=_cmd_export)
 
     _add_delegated(sub, "plan", "mtpeft.profile.plan_cli",
