@@ -187,7 +187,7 @@ class PlanSettings:
 
 
 def lora_dropout(s: PlanSettings) -> float:
-    """Unset: 0 on an NF4 base (as configs/demo_nf4.yaml; the fused kernel also takes dropout), 0.05 otherwise."""
+    """Unset: 0 on an NF4 base (the QLoRA planning default), 0.05 otherwise; the fused kernel takes either."""
     value = s.peft.get("dropout")
     return float(value) if value is not None else (0.0 if s.quant == "nf4" else 0.05)
 
