@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
-from mtpeft.kernels.triton_compat import cast, dot
+from mtpeft.kernels.triton_compat import cast, dot, grouped_tile
 from mtpeft.kernels.bottleneck_adapter_reference import (
     ACTIVATIONS,
     bottleneck_adapter_reference,
@@ -89,14 +89,7 @@ def _gemm_epilogue_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
 
     ACT and ACT_GRAD are activation ids (0 = none): the forward activation, and the one whose
     derivative at the saved pre-activation z multiplies the result."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    group_start = (pid // width) * GROUP_M
-    group_rows = min(grid_m - group_start, GROUP_M)
-    pid_m = group_start + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
-from mtpeft.kernels.triton_compat import cast, dot
+from mtpeft.kernels.triton_compat import cast, dot, grouped_tile
 from mtpeft.kernels.nf4_lora_linear_reference import WeightSource, nf4_lora_linear_reference, resolve_weight
 from mtpeft.quant.nf4_format import NF4Weight
 
@@ -110,14 +110,7 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
                 STORE_PRE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr,
                 PAIRED: tl.constexpr, ALIGNED: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    group_start = (pid // width) * GROUP_M
-    group_rows = min(grid_m - group_start, GROUP_M)
-    pid_m = group_start + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,14 +161,7 @@ def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dx[M, K] = (dy*ia3)[M, N] · deq(W)[N, K] + g[M, r] · A[r, K]; the tile grid runs over K, the
     reduction over N; BLOCK_N here is the reduction tile and BLOCK_K the output-column tile."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_k = tl.cdiv(K, BLOCK_N)
-    width = GROUP_M * grid_k
-    group_start = (pid // width) * GROUP_M
-    group_rows = min(grid_m - group_start, GROUP_M)
-    pid_m = group_start + (pid % width) % group_rows
-    pid_k = (pid % width) // group_rows
+    pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -38,3 +38,16 @@ else:
     @triton.jit
     def cast(x, dtype: tl.constexpr):
         return x.to(dtype)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile), visiting GROUP_M row tiles per column sweep so
+    neighbouring programs reuse the same weight tiles from L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group_start = (pid // width) * GROUP_M
+    group_rows = min(grid_m - group_start, GROUP_M)
+    return group_start + (pid % width) % group_rows, (pid % width) // group_rows
