@@ -1,10 +1,11 @@
 """Prefix tuning shared by all tasks: learned keys and values prepended in every attention layer
 (Li & Liang; P-tuning v2), optionally re-parameterised by an MLP (``prefix_projection``).
 
-The prefix reaches the backbone as ``past_key_values``: a transformers ``DynamicCache`` filled with
-one (key, value) pair per layer, with the attention mask extended by ones, so Llama, Qwen2 and
+The prefix reaches the backbone as its cache argument: a transformers ``DynamicCache`` filled with
+one (key, value) pair per layer, passed under the keyword the backbone's ``forward`` declares
+(``cache`` from transformers 5.24 on, ``past_key_values`` before; see ``cache_keyword``), with the attention mask extended by ones, so Llama, Qwen2 and
 RoBERTa-style attention take it unchanged; grouped-query models get prefixes for their key/value
-heads only (as in HF peft). A T5 encoder stack drops ``past_key_values``, so there each
+heads only (as in HF peft). A T5 encoder stack drops its cache argument, so there each
 self-attention is wrapped to receive the cache directly (T5's relative-position bias then places
 the prefix just before the input, and the mask is widened to see it). The hidden states hold only
 the real tokens, so pooling is unchanged. Exported as HF peft's PREFIX_TUNING (with the MLP, the
@@ -14,6 +15,7 @@ encoder, where HF peft silently skips the prefix, the export is mtpeft's own.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,13 @@ def kv_layout(cfg) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, kv_heads, head_dim
 
 
+def cache_keyword(forward) -> str:
+    """The keyword under which a transformers ``forward`` takes a ``Cache``. transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name is deprecated, and dropped when a caller also passes
+    ``cache``, as T5's layers do), so the name is read from the signature instead of assumed."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class PrefixCarrier:
     """Hands the prefix cache of the current forward to T5 self-attentions (see T5PrefixAttention)."""
 
@@ -53,20 +62,23 @@ class T5PrefixAttention(nn.Module):
         super().__init__()
         self.attention = attention
         self.carrier = carrier
+        self.cache_keyword = cache_keyword(attention.forward)
 
-    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None,
-                **kwargs):
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, **kwargs):
+        given = [kwargs.pop(name, None) for name in ("cache", "past_key_values")]
         cache, p = self.carrier.cache, self.carrier.tokens
         if cache is not None and mask is not None:
             see = mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())
             mask = torch.cat([see.expand(*mask.shape[:-1], p), mask], dim=-1)
+        kwargs[self.cache_keyword] = cache if cache is not None else next((c for c in given if c is not None), None)
         return self.attention(hidden_states, mask=mask, key_value_states=key_value_states, position_bias=position_bias,
-                              past_key_values=cache if cache is not None else past_key_values, **kwargs)
+                              **kwargs)
 
 
 class PrefixInput(InputModule):
     virtual = 0
     carrier = None  # set for T5 encoders
+    cache_keyword = "past_key_values"  # set at injection from the backbone's forward
 
     def __init__(self, tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
         super().__init__()
@@ -112,7 +124,7 @@ class PrefixInput(InputModule):
         if self.carrier is not None:
             self.carrier.cache, self.carrier.tokens = cache, self.tokens
             return {"input_ids": input_ids, "attention_mask": attention_mask}
-        out = {"input_ids": input_ids, "attention_mask": mask, "past_key_values": cache}
+        out = {"input_ids": input_ids, "attention_mask": mask, self.cache_keyword: cache}
         if decoder:
             out["position_ids"] = decoder_positions(attention_mask, offset=self.tokens)
         return out
@@ -131,6 +143,7 @@ class PrefixTuner(Tuner):
         s: PrefixSettings = self.settings
         self.layout = kv_layout(backbone.config)
         module = PrefixInput(s.num_virtual_tokens, *self.layout, s.projection, s.hidden)
+        module.cache_keyword = cache_keyword(backbone.forward)
         if backbone.config.model_type in T5_TYPES:
             self.hf_peft = False
             module.carrier = PrefixCarrier()
