@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 from mtpeft.errors import UserError
+from mtpeft.shipped_files import run_config
 from mtpeft.trainer.faults import RunAborted
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def _cmd_train(args) -> int:
@@ -25,7 +23,7 @@ def _cmd_train(args) -> int:
 def _cmd_demo(args) -> int:
     from mtpeft.demo.launch import run_demo
 
-    config = Path(args.config) if args.config else DEMO_CONFIG
+    config = run_config(args.config or "demo")
     return run_demo(config, Path(args.out), args.ranks, args.set, args.port)
 
 
@@ -112,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, evaluate and export the built-in demo through the deepspeed launcher")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--ranks", type=int, default=2, help="processes to launch (default: 2, CPU/gloo or GPUs)")
-    p.add_argument("--config", default=None, help="another config instead of configs/demo.yaml")
+    p.add_argument("--config", default=None, help="another config instead of the shipped demo: a path or a shipped name (demo_nf4)")
     p.add_argument("--port", type=int, default=0, help="master port (default: a free one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_demo)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from mtpeft.errors import ConfigError
+from mtpeft.shipped_files import run_config, run_config_names
 
 TASK_KINDS = ("classify", "pair_classify", "cluster", "retrieve", "generate", "program_synthesis")
 
@@ -138,10 +139,12 @@ _PATH_KEYS = ("train", "eval")
 
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Read a YAML RunConfig, apply ``a.b=value`` overrides and validate everything."""
-    path = Path(path)
+    """Read a YAML RunConfig (a path, or a shipped config's bare name such as ``demo``), apply
+    ``a.b=value`` overrides and validate everything."""
+    path = run_config(str(path))
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML RunConfig")
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML RunConfig "
+                          f"or a shipped one ({', '.join(run_config_names())})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

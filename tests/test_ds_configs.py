@@ -113,3 +113,34 @@ def test_contradicting_value_is_one_error_line_exit_2(cli_runs, name):
     assert code == 2, stderr[-2000:]
     assert len(errors) == 1 and CONTRADICTIONS[name][1] in errors[0], errors
     assert "Traceback" not in stderr
+
+
+def test_bare_template_name_is_the_shipped_file():
+    from mtpeft.shipped_files import ds_template_names
+
+    assert ds_template_names() == sorted(t[:-len(".json")] for t in TEMPLATES)
+    for template in TEMPLATES:
+        assert build_ds_config(_demo(template[:-len(".json")]), 2) == build_ds_config(_demo(template), 2)
+
+
+def test_a_file_beside_the_config_wins_over_a_shipped_template(tmp_path):
+    from mtpeft.trainer.ds_config import template_path
+
+    own = tmp_path / "zero3.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    assert template_path("zero3.json", tmp_path) == own
+    assert template_path("zero3", tmp_path).parent != tmp_path  # no file named "zero3": the shipped one
+
+
+def test_unknown_template_names_the_shipped_ones():
+    with pytest.raises(ConfigError, match="zero3, zero3_offload_cpu, zero3_offload_nvme") as err:
+        build_ds_config(_demo("zero4"), 1)
+    assert "zero4" in str(err.value)
+
+
+def test_config_by_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("demo_nf4")
+    assert cfg.model.quant == "nf4" and cfg.source.endswith("demo_nf4.yaml")
+    with pytest.raises(ConfigError, match="demo, demo_nf4"):
+        load_config("no_such_config")

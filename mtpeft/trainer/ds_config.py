@@ -13,21 +13,24 @@ from pathlib import Path
 
 from mtpeft.config import RunConfig
 from mtpeft.errors import ConfigError
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+from mtpeft.shipped_files import ds_template, ds_template_names
 
 
 def template_path(name: str, config_dir: Path | None = None) -> Path:
+    """``deepspeed.config`` as a path (as given, then beside the RunConfig), else a shipped template
+    by bare name (``zero3``) or file name (``zero3.json``)."""
     candidates = [Path(name)]
     if config_dir is not None:
         candidates.append(config_dir / name)
-    candidates.append(TEMPLATE_DIR / name)
     for c in candidates:
         if c.is_file():
             return c
-    known = ", ".join(sorted(p.name for p in TEMPLATE_DIR.glob("*.json")))
-    raise ConfigError(f"deepspeed.config: {name} not found (looked in {', '.join(str(c.parent) for c in candidates)}); "
-                      f"shipped templates: {known}")
+    shipped = ds_template(name)
+    if shipped is not None:
+        return shipped
+    raise ConfigError(f"deepspeed.config: {name} is neither a file (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)}) nor a shipped template; "
+                      f"shipped templates: {', '.join(ds_template_names())}")
 
 
 def _merge(base: dict, extra: dict) -> dict:
