@@ -1,20 +1,27 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install
-# the project into it first. TORCH_SPEC picks the torch build: the default pin resolves to a CPU
-# build on the CI machines; GPU users pass TORCH_SPEC=torch (the CUDA build from PyPI) or their own.
+# the project into it first, through requirements.lock (the exact versions the suite passed on).
+# TORCH_SPEC picks the torch build: the default pin resolves to a CPU build on the CI machines; GPU
+# users pass TORCH_SPEC=torch (the CUDA build from PyPI) or their own, and then the lock's torch and
+# triton pins are left out (a CUDA torch brings the triton it was built with).
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+CPU_TORCH := torch==2.13.0
+TORCH_SPEC ?= $(CPU_TORCH)
+LOCK ?= requirements.lock
+LATEST_VENV ?= .venv-latest
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install
+.PHONY: demo test install test-latest lock
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy
+	if [ "$(TORCH_SPEC)" = "$(CPU_TORCH)" ]; then cp $(LOCK) $(VENV)/constraints.txt; \
+	else grep -vE '^(torch|triton)==' $(LOCK) > $(VENV)/constraints.txt; fi
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt pip setuptools wheel
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt "$(TORCH_SPEC)" numpy
 	# deepspeed builds from source and imports torch in its setup.py: build against the torch above
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-build-isolation -e '.[test]'
 	touch $@
 
 demo: install
@@ -22,3 +29,22 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Not run by CI: the newest release of every dependency (past setup.py's upper bounds; torch stays
+# at TORCH_SPEC) in a separate venv, then the whole suite, so drift shows before users see it.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" numpy
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(LATEST_VENV)/bin/python .ci/unpinned_requirements.py > $(LATEST_VENV)/latest.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-build-isolation -r $(LATEST_VENV)/latest.txt pytest
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|deepspeed|bitsandbytes|triton|datasets|accelerate)=='
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# Refresh the lock from the newest releases, only once the whole suite passed on them.
+lock: test-latest
+	{ echo "# Written by 'make lock' on $$(date -u +%F): the whole suite passed on exactly these versions"; \
+	  echo "# ($$($(LATEST_VENV)/bin/python -c 'import platform; print("Python", platform.python_version(), platform.machine())'), $(TORCH_SPEC))."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/\+cpu$$//'; } > $(LOCK)

@@ -1,3 +1,11 @@
+"""Ranges for people installing mtpeft into their own environment. The project's own installs
+(``make install``, CI) go through ``requirements.lock``, the exact set the suite passed on.
+
+Upper bounds sit on the packages whose internals mtpeft touches (transformers' cache and attention
+signatures, peft's export format, DeepSpeed's ZeRO-3 hooks, bitsandbytes' NF4 layout, Triton's
+compiler API), at the newest release the suite passed on; ``make test-latest`` tries newer ones.
+"""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -5,18 +13,18 @@ setup(
     version="0.1.0",
     description="Multitask parameter-efficient fine-tuning of code LLMs on DeepSpeed ZeRO-3 with NF4 and Triton kernels",
     packages=find_packages(include=["mtpeft", "mtpeft.*"]),
-    package_data={"mtpeft": ["assets/**/*", "profile/archs/*.json"]},
+    package_data={"mtpeft": ["assets/**/*", "profile/archs/*.json", "configs/*.yaml", "ds_configs/*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.45",
-        "peft>=0.13",
-        "bitsandbytes>=0.45",
+        "deepspeed>=0.16,<=0.19.8",
+        "transformers>=4.45,<=5.24.0",
+        "peft>=0.13,<=0.21.2",
+        "bitsandbytes>=0.45,<=0.50.2",
         "datasets>=3.0",
         "tensorboard>=2.15",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.0,<=3.9.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "pyyaml>=6.0",
