@@ -19,8 +19,6 @@ import yaml
 from mtpeft.errors import ConfigError
 from mtpeft.shipped_files import run_config, run_config_names
 
-TASK_KINDS = ("classify", "pair_classify", "cluster", "retrieve", "generate", "program_synthesis")
-
 
 @dataclass
 class ModelConfig:
@@ -130,11 +128,21 @@ class RunConfig:
 _CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "peft.method": ("lora", "serial_adapter", "parallel_adapter", "prefix", "prompt", "ia3", "mtl_lora"),
-    "peft.adapter_activation": ("relu", "gelu", "silu"),
-    "sampler.kind": ("round_robin", "proportional", "temperature"),
-    "weighting.kind": ("uniform", "static", "softmax_learnable", "uncertainty", "dwa", "famo", "gradnorm"),
 }
+
+
+def _registered_choices() -> dict[str, tuple]:
+    """Names that live in their registries (imported here, at validation, so that loading the config
+    module does not import every tuner, sampler and weighting)."""
+    from mtpeft.data.schedule import SAMPLER_KINDS
+    from mtpeft.kernels.bottleneck_adapter_reference import ACTIVATIONS
+    from mtpeft.trainer.weighting import WEIGHTING_KINDS
+    from mtpeft.tuners.registry import METHODS
+
+    return {"peft.method": tuple(METHODS), "peft.adapter_activation": tuple(ACTIVATIONS),
+            "sampler.kind": SAMPLER_KINDS, "weighting.kind": WEIGHTING_KINDS}
+
+
 _PATH_KEYS = ("train", "eval")
 
 
@@ -226,7 +234,7 @@ def _coerce(hint, value, key: str, source: str):
 
 
 def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
-    for key, allowed in _CHOICES.items():
+    for key, allowed in {**_CHOICES, **_registered_choices()}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
@@ -239,6 +247,7 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
     if not cfg.tasks:
         raise ConfigError(f"{source}: tasks is empty; list at least one task with name, kind, format, train, eval")
     from mtpeft.tasks.formats import FORMATS
+    from mtpeft.tasks.kinds import TASK_KINDS
 
     seen = set()
     for i, task in enumerate(cfg.tasks):

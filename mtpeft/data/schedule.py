@@ -19,8 +19,6 @@ import numpy as np
 
 from mtpeft.errors import CheckpointError, ConfigError, DataError
 
-SAMPLER_KINDS = ("round_robin", "proportional", "temperature")
-
 
 @dataclass(frozen=True)
 class Slot:
@@ -141,12 +139,17 @@ def _check_same(mine: dict, saved: dict) -> None:
                                   f"or start a new run")
 
 
+SAMPLERS = {
+    "round_robin": lambda sizes, seed, temperature: RoundRobin(len(sizes)),
+    "proportional": lambda sizes, seed, temperature: RandomSampler(sizes, seed, temperature=1.0, kind="proportional"),
+    "temperature": lambda sizes, seed, temperature: RandomSampler(sizes, seed, temperature=temperature,
+                                                                  kind="temperature"),
+}
+SAMPLER_KINDS = tuple(SAMPLERS)  # the only list of sampler names; config validation reads it
+
+
 def make_schedule(kind: str, sizes: list[int], seed: int, temperature: float = 0.5):
     """The sampler ``sampler.kind`` names, over tasks with ``sizes`` training examples."""
-    if kind == "round_robin":
-        return RoundRobin(len(sizes))
-    if kind == "proportional":
-        return RandomSampler(sizes, seed, temperature=1.0, kind="proportional")
-    if kind == "temperature":
-        return RandomSampler(sizes, seed, temperature=temperature, kind="temperature")
-    raise ConfigError(f"sampler.kind must be one of {', '.join(SAMPLER_KINDS)}, got {kind!r}")
+    if kind not in SAMPLERS:
+        raise ConfigError(f"sampler.kind must be one of {', '.join(SAMPLER_KINDS)}, got {kind!r}")
+    return SAMPLERS[kind](sizes, seed, temperature)

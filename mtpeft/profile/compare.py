@@ -83,7 +83,7 @@ def _train(cfg) -> Dict[str, Any]:
 def _flops(cfg) -> Optional[int]:
     """Training FLOPs of every step of ``cfg`` (one process), None where step_flops cannot read the model."""
     from mtpeft.profile.architecture import load_architecture
-    from mtpeft.profile.profile_cli import step_flops_of_run
+    from mtpeft.profile.run_flops import step_flops_of_run
     from mtpeft.trainer.build import load_tokenizer
     from mtpeft.trainer.loop import prepare_tasks
 

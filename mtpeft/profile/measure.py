@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from mtpeft.profile.planner import _is_quantized_module
+from mtpeft.profile.planner import is_quantized_module
 
 STATE_KEYS = ("packed_weights", "quant_constants", "bf16_weights", "trainable_params", "master_weights",
               "gradients", "optimizer_states")
@@ -127,7 +127,7 @@ def parameter_partition_bytes(model: nn.Module) -> Dict[str, int]:
             nbytes = _nbytes(_local(p))
             if p.requires_grad:
                 out["trainable_params"] += nbytes
-            elif _is_quantized_module(module):
+            elif is_quantized_module(module):
                 out["packed_weights" if p is packed else "quant_constants"] += nbytes
             else:
                 out["bf16_weights"] += nbytes
@@ -274,7 +274,9 @@ LM_KINDS = ("generate", "program_synthesis")
 
 def peft_flop_args(peft: Any) -> Dict[str, Any]:
     """``flops.step_flops`` keywords for a RunConfig ``peft`` section (mtl_lora counted as its LoRA)."""
-    method = {"mtl_lora": "lora"}.get(peft.method, peft.method)
+    from mtpeft.tuners.registry import planned_as
+
+    method = planned_as(peft.method)
     return {"peft": method, "r": peft.r, "targets": list(peft.target_modules), "bottleneck": peft.bottleneck,
             "virtual_tokens": peft.num_virtual_tokens if method in ("prompt", "prefix") else 0}
 

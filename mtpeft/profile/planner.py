@@ -75,8 +75,7 @@ DQ_CODE_BYTES = 256 * 4
 DQ_OFFSET_BYTES = 4
 _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                  "gate_proj": "mlp_in", "up_proj": "mlp_in"}
-PEFT_METHODS = ("lora", "ia3", "prompt", "prefix", "serial_adapter", "parallel_adapter")
-_PEFT_DEFAULTS = {
+_PEFT_DEFAULTS = {  # keyed by the methods the plan models; the others plan as one of them (registry.planned_as)
     "lora": {"r": 16, "alpha": 32, "dropout": None, "targets": "all"},
     "ia3": {},
     "prompt": {"n": 20},
@@ -97,10 +96,13 @@ class PeftSpec:
 
 def parse_peft(spec: str) -> PeftSpec:
     """``lora``, ``lora:r=8,alpha=16,dropout=0,targets=q_proj+v_proj``, ``prompt:20``, ``prefix:n=10``."""
+    from mtpeft.tuners.registry import METHODS, planned_as
+
     method, _, rest = spec.partition(":")
     method = method.strip().lower()
-    if method not in PEFT_METHODS:
-        raise UserError(f"--peft {spec!r}: unknown method {method!r}; use one of {', '.join(PEFT_METHODS)}")
+    if method not in METHODS:
+        raise UserError(f"--peft {spec!r}: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    method = planned_as(method)
     options: Dict[str, Any] = {}
     for item in filter(None, (x.strip() for x in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -453,7 +455,7 @@ def search(arch: Architecture, s: PlanSettings, micro_batch_auto: bool = False,
     return s, notes
 
 
-def _is_quantized_module(module: nn.Module) -> bool:
+def is_quantized_module(module: nn.Module) -> bool:
     return "quant" in type(module).__name__.lower() or hasattr(module, "quant_state")
 
 
@@ -483,7 +485,7 @@ def plan_model_states(model: nn.Module, world_size: int, engine: str = "deepspee
                 out["master_weights"] += part * 4 if (engine == "deepspeed" or size != 4) else 0
                 out["gradients"] += part * size
                 out["optimizer_states"] += part * optimizer_bytes_per_element
-            elif _is_quantized_module(module):
+            elif is_quantized_module(module):
                 out["packed_weights" if p is packed else "quant_constants"] += part * size
             else:
                 out["bf16_weights"] += part * size

@@ -24,6 +24,7 @@ import torch
 
 from mtpeft.errors import UserError
 from mtpeft.profile import measure, report
+from mtpeft.profile.run_flops import step_flops_of_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +85,9 @@ def _plan_settings(cfg, world: int):
     from mtpeft.profile.planner import PeftSpec, PlanSettings
 
     p = cfg.peft
-    method = {"mtl_lora": "lora"}.get(p.method, p.method)
+    from mtpeft.tuners.registry import planned_as
+
+    method = planned_as(p.method)
     options = {"lora": {"r": p.r, "alpha": p.alpha, "dropout": p.dropout, "targets": "+".join(p.target_modules)},
                "prompt": {"n": p.num_virtual_tokens}, "prefix": {"n": p.num_virtual_tokens},
                "serial_adapter": {"bottleneck": p.bottleneck},
@@ -107,40 +110,10 @@ def _architecture_plan(cfg, world: int) -> Optional[Dict[str, Any]]:
         return None
 
 
-def step_flops_of_run(cfg, tasks, tok, world: int, steps: int, arch) -> List[Dict[str, Any]]:
-    """Analytic FLOPs of every step, summed over every rank's micro-batches (re-collated: the
-    schedule and shard are pure functions of seed and step)."""
-    from mtpeft.data.dist import DistContext
-    from mtpeft.trainer.loop import _micro_batch
-    from mtpeft.trainer.multitask_state import MultitaskState
-
-    mt = MultitaskState(cfg, [t.name for t in tasks], [len(t.train_set) for t in tasks])
-    args = measure.peft_flop_args(cfg.peft)
-    out = []
-    for step in range(steps):
-        slot = mt.schedule.slot(step)
-        task = tasks[slot.task]
-        lm = task.config.kind in measure.LM_KINDS
-        total, attention, passes = 0, 0, []
-        for rank in range(world):
-            for micro in range(cfg.train.grad_accum):
-                batch = _micro_batch(task, slot, micro, DistContext(rank, world), tok, cfg.train)
-                for rows, length in measure.batch_passes(batch):
-                    passes.append([rows, length])
-                    terms = measure.pass_flops(arch, rows, length, lm, cfg.model.gradient_checkpointing, args)
-                    total += terms["total"]
-                    attention += terms["forward_attention"] + terms["backward_attention"]
-                    if cfg.model.gradient_checkpointing:
-                        attention += terms["forward_attention"]
-        out.append({"step": step + 1, "task": task.name, "lm_head": lm, "flops": total,
-                    "flops_no_attention": total - attention, "passes": passes})
-    return out
-
-
 def _counted_first_step(engine, tasks, cfg, tok, ctx) -> int:
     """One extra forward + backward of step 1's micro-batch under FlopCounterMode (no optimizer
     step; run after measuring, so it changes nothing that is reported), summed over ranks."""
-    from mtpeft.trainer.loop import _micro_batch
+    from mtpeft.trainer.loop import micro_batch
     from mtpeft.trainer.multitask_state import MultitaskState
 
     mt = MultitaskState(cfg, [t.name for t in tasks], [len(t.train_set) for t in tasks])
@@ -148,7 +121,7 @@ def _counted_first_step(engine, tasks, cfg, tok, ctx) -> int:
     task = tasks[slot.task]
     total = 0
     for micro in range(cfg.train.grad_accum):
-        batch = _micro_batch(task, slot, micro, ctx, tok, cfg.train)
+        batch = micro_batch(task, slot, micro, ctx, tok, cfg.train)
 
         def fwd_bwd():
             engine.backward(engine(task.kind, task.name, batch, ctx))

@@ -118,7 +118,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 def train_variant(name: str, cfg, tasks, tok, steps: int) -> Dict[str, Any]:
     """Build, train ``steps`` multitask steps, and measure one variant."""
     from mtpeft.data.dist import DistContext
-    from mtpeft.trainer.loop import _micro_batch, _tokens
+    from mtpeft.trainer.loop import micro_batch, batch_tokens
     from mtpeft.trainer.multitask_state import MultitaskState
 
     gc.collect()
@@ -134,7 +134,7 @@ def train_variant(name: str, cfg, tasks, tok, steps: int) -> Dict[str, Any]:
     for step in range(steps):
         slot = mt.schedule.slot(step)
         task = tasks[slot.task]
-        batch = _micro_batch(task, slot, 0, ctx, tok, cfg.train)
+        batch = micro_batch(task, slot, 0, ctx, tok, cfg.train)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -147,7 +147,7 @@ def train_variant(name: str, cfg, tasks, tok, steps: int) -> Dict[str, Any]:
         if step == steps - 1:
             states = measure.plain_state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        records.append({"step": step + 1, "task": task.name, "loss": float(loss.detach()), "tokens": _tokens(batch),
+        records.append({"step": step + 1, "task": task.name, "loss": float(loss.detach()), "tokens": batch_tokens(batch),
                         "seconds": seconds})
     memory = measure.peak_memory()
     result = {
@@ -247,7 +247,7 @@ def run_savings(cfg, out: Path, steps: int = 4, variants: Optional[List[str]] = 
 def _schedule_flops(cfg, tasks, tok, steps: int) -> Optional[List[int]]:
     """Frozen-base LoRA FLOPs of each scheduled step (``flops.step_flops``), None for non-Llama bases."""
     from mtpeft.profile.architecture import load_architecture
-    from mtpeft.profile.profile_cli import step_flops_of_run
+    from mtpeft.profile.run_flops import step_flops_of_run
 
     try:
         arch = load_architecture(cfg.model.name_or_path)

@@ -17,7 +17,7 @@ from mtpeft.errors import CheckpointError
 from mtpeft.quant.nf4 import NESTED_BLOCKSIZE, nf4_code
 from mtpeft.quant.nf4_format import NF4Weight
 
-_QS_KEY = "quant_state.bitsandbytes__nf4"
+QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -100,7 +100,7 @@ def to_bnb_state_dict(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.T
         out[f"{prefix}.nested_absmax"] = q.absmax_scale
         out[f"{prefix}.nested_quant_map"] = q.absmax_code.clone()
         meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=q.absmax_offset)
-    out[f"{prefix}.{_QS_KEY}"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    out[f"{prefix}.{QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
     return out
 
 
@@ -111,7 +111,7 @@ def from_bnb_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "w
             raise CheckpointError(f"{source}: missing key '{key}' of a bitsandbytes 4-bit weight; save the model with bitsandbytes >= 0.41 serialization")
         return state_dict[key]
 
-    meta_key = f"{prefix}.{_QS_KEY}"
+    meta_key = f"{prefix}.{QUANT_STATE_KEY}"
     if meta_key not in state_dict and any(k.startswith(f"{prefix}.quant_state.bitsandbytes__") for k in state_dict):
         raise CheckpointError(f"{source}: '{prefix}' is not NF4 (found a non-nf4 quant_state); re-quantize with quant_type='nf4'")
     try:

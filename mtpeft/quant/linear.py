@@ -168,7 +168,7 @@ class QuantLinear(nn.Module):
                 f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}, dtype={self.weight_dtype}")
 
 
-def _is_skipped(name: str, skip: Iterable[str]) -> bool:
+def is_skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
@@ -180,7 +180,7 @@ def quantize_model(model: nn.Module, skip: Iterable[str] = ("lm_head",), double_
     ``"lm_head"`` and ``"model.lm_head"``).
     """
     skip = tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_skipped(name, skip)]
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(name, skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

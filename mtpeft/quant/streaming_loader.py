@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from mtpeft.errors import CheckpointError, UserError
-from mtpeft.quant.bnb_interop import _QS_KEY, from_bnb_state_dict
-from mtpeft.quant.linear import QuantLinear, _is_skipped
+from mtpeft.quant.bnb_interop import QUANT_STATE_KEY, from_bnb_state_dict
+from mtpeft.quant.linear import QuantLinear, is_skipped
 from mtpeft.quant.nf4 import quantize_nf4
 from mtpeft.quant.nf4_format import NF4Weight
 
@@ -198,7 +198,7 @@ def _quant_linear(ckpt: ShardedCheckpoint, name: str, meta: nn.Linear, dtype: to
     if meta.bias is not None:
         bkey = f"{name}.bias"
         bias = _checked(ckpt, bkey, ckpt.read([bkey])[bkey], meta.bias.shape).to(dtype)
-    if f"{wkey}.{_QS_KEY}" in ckpt:  # already quantized by bitsandbytes: take the bytes as they are
+    if f"{wkey}.{QUANT_STATE_KEY}" in ckpt:  # already quantized by bitsandbytes: take the bytes as they are
         keys = [wkey] + ckpt.keys_with_prefix(wkey + ".")
         q = from_bnb_state_dict(ckpt.read(keys), wkey, source=str(ckpt.where(wkey)))
         if tuple(q.shape) != tuple(meta.weight.shape):
@@ -322,7 +322,7 @@ def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict
         needed = [(p_name, p) for p_name, p in own if id(p) not in loaded]
 
         def read(name=name, module=module, needed=needed):
-            if isinstance(module, nn.Linear) and (not _is_skipped(name, skip) or _stored_4bit(ckpt, name)):
+            if isinstance(module, nn.Linear) and (not is_skipped(name, skip) or _stored_4bit(ckpt, name)):
                 return _quant_linear(ckpt, name, module, dtype, double_quant, blocksize, quantize_device)
             return _read_params(ckpt, name, needed, dtype)
 
@@ -359,4 +359,4 @@ def _read_params(ckpt: ShardedCheckpoint, name: str, needed: list, dtype: torch.
 
 
 def _stored_4bit(ckpt: ShardedCheckpoint, name: str) -> bool:
-    return f"{name}.weight.{_QS_KEY}" in ckpt
+    return f"{name}.weight.{QUANT_STATE_KEY}" in ckpt

@@ -124,7 +124,8 @@ def _freeze_inactive_heads(engine, optimizer, active: str) -> None:
             group["lr"] = 0.0
 
 
-def _tokens(batch: dict) -> int:
+def batch_tokens(batch: dict) -> int:
+    """Real tokens of a collated batch: the sum of every ``*mask`` tensor (log.jsonl's ``tokens``)."""
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("mask")))
 
 
@@ -162,7 +163,9 @@ def truncate_log(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def _micro_batch(task: TaskRuntime, slot, micro: int, ctx: DistContext, tok, t) -> dict:
+def micro_batch(task: TaskRuntime, slot, micro: int, ctx: DistContext, tok, t) -> dict:
+    """This rank's collated micro-batch ``micro`` of the step ``slot`` (a pure function of seed and
+    step: the profiler re-collates any rank's batches with it)."""
     idx = micro_batch_indices(task.stream, slot.occurrence, micro, ctx.rank, t.micro_batch_size, t.grad_accum,
                               ctx.world)
     rows = [task.train_set[i] for i in idx]
@@ -225,10 +228,10 @@ def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx
         start, loss_sum, tokens, bad, stop = time.perf_counter(), 0.0, 0, False, False
         try:
             for micro in range(t.grad_accum):
-                batch = _micro_batch(task, slot, micro, ctx, tok, t)
+                batch = micro_batch(task, slot, micro, ctx, tok, t)
                 loss = engine(task.kind, task.name, batch, ctx)
                 bad_micro, stop = vote(NonFiniteGuard.is_bad(loss), preemption.requested)
-                tokens += _tokens(batch)
+                tokens += batch_tokens(batch)
                 if bad_micro:  # every rank skips together: no rank waits in a collective alone
                     bad = True
                     continue

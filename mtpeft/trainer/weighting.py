@@ -26,7 +26,6 @@ import torch
 
 from mtpeft.errors import CheckpointError, ConfigError
 
-WEIGHTING_KINDS = ("uniform", "static", "softmax_learnable", "uncertainty", "dwa", "famo", "gradnorm")
 _log = logging.getLogger(__name__)
 _warned_collapse = False
 
@@ -353,26 +352,31 @@ class GradNorm(_LearnedWeighting):
         self.grad_norms = list(state["grad_norms"])
 
 
+def _dwa(task_names: list[str], o: dict) -> LossWeighting:
+    if o["dwa_temperature"] <= 0:
+        raise ConfigError(f"weighting.dwa_temperature must be positive, got {o['dwa_temperature']}")
+    return DynamicWeightAverage(task_names, o["dwa_temperature"])
+
+
+WEIGHTINGS = {
+    "uniform": lambda names, o: LossWeighting(names),
+    "static": lambda names, o: StaticWeighting(names, o["static_weights"] or {}),
+    "softmax_learnable": lambda names, o: SoftmaxLearnable(names, o["lr"]),
+    "uncertainty": lambda names, o: Uncertainty(names, o["lr"]),
+    "dwa": _dwa,
+    "famo": lambda names, o: Famo(names, o["lr"], o["famo_gamma"]),
+    "gradnorm": lambda names, o: GradNorm(names, o["lr"], o["gradnorm_alpha"]),
+}
+WEIGHTING_KINDS = tuple(WEIGHTINGS)  # the only list of weighting names; config validation reads it
+
+
 def make_weighting(kind: str, task_names: list[str], *, static_weights: dict | None = None, lr: float = 0.025,
                    dwa_temperature: float = 2.0, famo_gamma: float = 0.01, gradnorm_alpha: float = 1.5
                    ) -> LossWeighting:
     """The rule ``weighting.kind`` names; the keyword arguments are the other ``weighting.*`` keys."""
     if lr <= 0 or not math.isfinite(lr):
         raise ConfigError(f"weighting.lr must be a positive number, got {lr}")
-    if kind == "uniform":
-        return LossWeighting(task_names)
-    if kind == "static":
-        return StaticWeighting(task_names, static_weights or {})
-    if kind == "softmax_learnable":
-        return SoftmaxLearnable(task_names, lr)
-    if kind == "uncertainty":
-        return Uncertainty(task_names, lr)
-    if kind == "dwa":
-        if dwa_temperature <= 0:
-            raise ConfigError(f"weighting.dwa_temperature must be positive, got {dwa_temperature}")
-        return DynamicWeightAverage(task_names, dwa_temperature)
-    if kind == "famo":
-        return Famo(task_names, lr, famo_gamma)
-    if kind == "gradnorm":
-        return GradNorm(task_names, lr, gradnorm_alpha)
-    raise ConfigError(f"weighting.kind must be one of {', '.join(WEIGHTING_KINDS)}, got {kind!r}")
+    if kind not in WEIGHTINGS:
+        raise ConfigError(f"weighting.kind must be one of {', '.join(WEIGHTING_KINDS)}, got {kind!r}")
+    return WEIGHTINGS[kind](task_names, {"static_weights": static_weights, "lr": lr, "dwa_temperature": dwa_temperature,
+                                         "famo_gamma": famo_gamma, "gradnorm_alpha": gradnorm_alpha})

@@ -49,6 +49,7 @@ class Tuner:
     """Base of every method. ``hf_peft``: the export is HF peft format (``adapter_config.json``)."""
 
     name = ""
+    planned_as = ""  # the method the memory planner models this one as, if not itself
     hf_peft = False
 
     def __init__(self, settings, task_names: list[str]):

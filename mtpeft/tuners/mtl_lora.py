@@ -39,6 +39,7 @@ class MtlLoraLinear(WrappedLinear):
 
 class MtlLoraTuner(Tuner):
     name = "mtl_lora"
+    planned_as = "lora"
 
     def inject(self, backbone: nn.Module) -> None:
         s: LoraSettings = self.settings

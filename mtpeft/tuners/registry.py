@@ -10,7 +10,8 @@ Names are the Llama ones; RoBERTa-style and T5 encoders map them through ``famil
 
 from __future__ import annotations
 
-from mtpeft.config import PeftConfig
+from typing import TYPE_CHECKING
+
 from mtpeft.errors import ConfigError
 from mtpeft.tuners.adapters import AdapterSettings, ParallelAdapterTuner, SerialAdapterTuner
 from mtpeft.tuners.base import Tuner
@@ -19,6 +20,9 @@ from mtpeft.tuners.lora import LoraSettings, LoraTuner
 from mtpeft.tuners.mtl_lora import MtlLoraTuner
 from mtpeft.tuners.prefix import PrefixSettings, PrefixTuner
 from mtpeft.tuners.prompt import PromptSettings, PromptTuner
+
+if TYPE_CHECKING:
+    from mtpeft.config import PeftConfig
 
 
 def _lora(p: PeftConfig) -> LoraSettings:
@@ -29,7 +33,7 @@ def _adapter(p: PeftConfig) -> AdapterSettings:
     return AdapterSettings(bottleneck=p.bottleneck, activation=p.adapter_activation, scaling=p.adapter_scaling)
 
 
-METHODS = {
+METHODS = {  # config validation and the memory planner read the names from here
     "lora": (LoraTuner, _lora),
     "mtl_lora": (MtlLoraTuner, _lora),
     "serial_adapter": (SerialAdapterTuner, _adapter),
@@ -38,6 +42,12 @@ METHODS = {
     "prompt": (PromptTuner, lambda p: PromptSettings(p.num_virtual_tokens)),
     "prefix": (PrefixTuner, lambda p: PrefixSettings(p.num_virtual_tokens, p.prefix_projection, p.prefix_hidden)),
 }
+
+
+def planned_as(method: str) -> str:
+    """The method whose memory and FLOPs the planner models for ``method`` (mtl_lora: its LoRA; the
+    per-task r×r matrices are negligible)."""
+    return METHODS[method][0].planned_as or method
 
 
 def make_tuner(peft: PeftConfig, task_names: list[str]) -> Tuner:
