@@ -34,3 +34,15 @@ def _restore_functional_linear():
     yield
     _F.linear = _TORCH_LINEAR
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test not marked ``distributed`` or ``gpu`` is a ``unit`` test; ``gpu`` tests skip
+    without CUDA."""
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        elif item.get_closest_marker("distributed") is None:
+            item.add_marker(pytest.mark.unit)

@@ -16,6 +16,8 @@ from distributed import tiny_config
 from mtpeft.profile import compare_cli
 from mtpeft.profile.report import read_log
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 TASKS = ("defect", "clone", "search", "codegen")
 FILES = ("adapter_model.safetensors", "heads.safetensors")
 

@@ -19,6 +19,8 @@ from distributed import REPO, deepspeed_cmd, run, tiny_config
 sys.path.insert(0, str(REPO / "tests" / "dist_scripts"))
 from train_methods import probe_batch  # noqa: E402
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 METHODS = ["lora", "serial_adapter", "parallel_adapter", "prefix", "prompt", "ia3", "mtl_lora"]
 HF_PEFT = {"lora", "ia3", "prompt", "prefix"}
 STEPS, TASKS = 12, 4

@@ -10,6 +10,8 @@ import pytest
 
 from distributed import REPO, deepspeed_cmd, run, tiny_config
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 KEYS = ("packed_weights", "quant_constants", "bf16_weights", "trainable_params", "master_weights", "gradients",
         "optimizer_states")
 

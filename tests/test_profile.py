@@ -17,6 +17,8 @@ from mtpeft.profile import profile_cli
 from mtpeft.profile.flops import step_flops
 from mtpeft.profile.report import read_log
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 DEMO_CONFIG = json.loads((REPO / "mtpeft/assets/demo/base_model/config.json").read_text())
 PEAK_TFLOPS = 0.5
 

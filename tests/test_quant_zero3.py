@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 SCRIPT = Path(__file__).parent / "dist_scripts" / "quant_zero3_forward.py"
 
 

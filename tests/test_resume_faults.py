@@ -14,6 +14,8 @@ import pytest
 
 from distributed import REPO, env, tiny_config
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 
 def _cmd(cfg: Path, out: Path, *sets: str) -> list[str]:
     cmd = [sys.executable, "-m", "mtpeft", "train", str(cfg), "--set", f"output.dir={out}"]

@@ -57,6 +57,7 @@ def zero3_runs(tmp_path_factory):
     return ranks, json.loads((out / "reference.json").read_text()), out
 
 
+@pytest.mark.distributed
 def test_zero3_stream_peak_memory_well_under_full_load(zero3_runs):
     ranks, reference, _ = zero3_runs
     fp32_kb = (6 * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1536) + 2 * 1024 * 512) * 4 / 1024
@@ -66,6 +67,7 @@ def test_zero3_stream_peak_memory_well_under_full_load(zero3_runs):
         assert 0 < r["peak_growth_kb"] <= 0.5 * reference["peak_growth_kb"], (r, reference)
 
 
+@pytest.mark.distributed
 def test_zero3_stream_partitions_every_parameter(zero3_runs):
     ranks, _, _ = zero3_runs
     total = ranks[0]["total_quant_elements"]
@@ -74,6 +76,7 @@ def test_zero3_stream_partitions_every_parameter(zero3_runs):
         assert total / 2 <= r["local_quant_elements"] <= total / 2 + 42 * 5
 
 
+@pytest.mark.distributed
 def test_zero3_stream_forward_equals_full_load(zero3_runs):
     _, _, out = zero3_runs
     expected = torch.load(out / "reference_logits.pt")
@@ -82,6 +85,7 @@ def test_zero3_stream_forward_equals_full_load(zero3_runs):
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-6
 
 
+@pytest.mark.distributed
 def test_zero3_stream_error_reaches_every_rank(zero3_runs):
     """Rank 0 reads; a key missing halfway must stop all ranks with its message, not hang them."""
     ranks, _, _ = zero3_runs

@@ -18,6 +18,8 @@ import pytest
 
 from distributed import REPO, env, free_port, run, tiny_config
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 STEPS = 4  # one step of each of the four demo tasks
 
 

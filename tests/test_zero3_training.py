@@ -14,6 +14,8 @@ import torch
 
 from distributed import REPO, deepspeed_cmd, run, tiny_config
 
+pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
