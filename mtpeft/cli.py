@@ -55,10 +55,10 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from mtpeft.data.dist import DistContext
     from mtpeft.run_dir import load_trained_model
-    from mtpeft.trainer.export import export
-
     from mtpeft.run_dir import latest_checkpoint
+    from mtpeft.trainer.export import check_export_target, export
 
+    check_export_target(Path(args.out), Path(args.run_dir))  # before minutes of loading
     source = args.source
     if source == "auto":
         source = "checkpoint" if latest_checkpoint(Path(args.run_dir)) is not None else "export"

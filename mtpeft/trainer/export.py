@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,13 +33,32 @@ from safetensors.torch import load_file, save_file
 
 from mtpeft.config import RunConfig
 from mtpeft.data.dist import DistContext
-from mtpeft.errors import CheckpointError
+from mtpeft.errors import CheckpointError, UserError
 from mtpeft.tuners.base import check_keys
 from mtpeft.tuners.gather import gathered
 
 ADAPTER_FILE = "adapter_model.safetensors"
 HEADS_FILE = "heads.safetensors"
 MANIFEST_FILE = "tasks.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+EXPORT_FILES = (ADAPTER_FILE, HEADS_FILE, MANIFEST_FILE, PEFT_CONFIG_FILE)
+
+
+def check_export_target(out_dir: Path, run_dir: Path | None = None) -> None:
+    """Refuse an export folder that would cost the user a file: mtpeft replaces only a folder that is
+    new, empty, or holds nothing but a previous export's files (``EXPORT_FILES``)."""
+    out_dir = Path(out_dir)
+    if run_dir is not None and out_dir.resolve() == Path(run_dir).resolve():
+        raise UserError(f"--out {out_dir} is the run folder itself; exporting there would replace its checkpoints, "
+                        f"config and logs: name a new folder (e.g. {out_dir / 'export2'})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is an existing file; name a folder to export into")
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+        if foreign:
+            raise UserError(f"--out {out_dir} holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if
+                            len(foreign) > 1 else "") + ", which an export did not write; an export replaces its "
+                            "folder, so name a new or empty folder (or one holding only a previous export)")
 
 
 def _head_params(model) -> dict:
@@ -55,21 +75,27 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | Non
         adapter_t = tuner.export_tensors(model)
         heads_t = {k: p.detach().cpu().clone().contiguous() for k, p in heads.items()}
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    peft_cfg = tuner.peft_config(model, cfg.model.name_or_path)
-    if peft_cfg is not None:
-        peft_cfg.save_pretrained(str(tmp))
-    save_file(adapter_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-    save_file(heads_t, str(tmp / HEADS_FILE), metadata={"format": "pt"})
-    (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(cfg, model, adapter_t), indent=2))
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    check_export_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))  # never a user's folder
+    try:
+        peft_cfg = tuner.peft_config(model, cfg.model.name_or_path)
+        if peft_cfg is not None:
+            peft_cfg.save_pretrained(str(tmp))
+        save_file(adapter_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        save_file(heads_t, str(tmp / HEADS_FILE), metadata={"format": "pt"})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(cfg, model, adapter_t), indent=2))
+    except BaseException:  # a failed write (disk full, interrupt) leaves the previous export in charge
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():  # a previous export (check_export_target): set aside, then removed
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        old.rmdir()
         out_dir.rename(old)
     tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
