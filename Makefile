@@ -11,7 +11,7 @@ LOCK ?= requirements.lock
 LATEST_VENV ?= .venv-latest
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install test-latest lock
+.PHONY: demo test install test-latest lock gpu-wheels
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py $(LOCK)
@@ -48,3 +48,22 @@ lock: test-latest
 	{ echo "# Written by 'make lock' on $$(date -u +%F): the whole suite passed on exactly these versions"; \
 	  echo "# ($$($(LATEST_VENV)/bin/python -c 'import platform; print("Python", platform.python_version(), platform.machine())'), $(TORCH_SPEC))."; \
 	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/\+cpu$$//'; } > $(LOCK)
+
+# What the GPU machine's image lacks, as wheels in .whl/ (git-ignored) for bench/gpu_check.sh to
+# install there (bench/README.md, "GPU check"), every version pinned to the lock. deepspeed has no
+# wheel on PyPI: built here as a pure-Python wheel (its ops JIT-compile on the GPU when needed);
+# the rest are downloaded for CPython 3.12 on manylinux x86_64. An existing venv is used as it is
+# (a prerequisite on it would reinstall it whenever the lock is newer).
+GPU_WHEELS := bitsandbytes datasets dill multiprocess hjson pydantic pydantic_core annotated-types \
+	typing-inspection typing_extensions
+GPU_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-wheels:
+	test -x $(PY) || $(MAKE) install
+	rm -rf .whl && mkdir .whl
+	pin() { grep -i "^$$1==" $(LOCK) || { echo "$$1 is not pinned in $(LOCK)" >&2; exit 1; }; }; \
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl "$$(pin deepspeed)" && \
+	specs=$$(for p in $(GPU_WHEELS); do pin $$p || exit 1; done) && \
+	$(PY) -m pip download -q $(GPU_WHEEL_FLAGS) -d .whl $$specs
+	ls -l .whl && du -ch .whl/*.whl | tail -1
