@@ -36,11 +36,59 @@ def test_accuracy_and_f1_hand_values():
         accuracy([1], [1, 0])
 
 
-def test_mrr_ties_in_query_favour():
-    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.8], [0.3, 0.6, 0.1]])
-    # q0: gold 0.9 is top -> rank 1; q1: gold (idx 2) ties 0.8 -> rank 1; q2: 0.6 > 0.3 -> rank 2
-    assert mrr(scores, [0, 2, 0]) == pytest.approx((1 + 1 + 0.5) / 3)
-    assert mrr(torch.tensor(scores, dtype=torch.float32), [0, 2, 0]) == pytest.approx((1 + 1 + 0.5) / 3)
+def _mrr_by_enumeration(scores, gold, top_k=None):
+    """Reference: the reciprocal rank averaged over every order of the candidates that sorts them by
+    score (ties broken every possible way), ranks past top_k counting 0."""
+    total = 0.0
+    for row, g in zip(np.asarray(scores, dtype=float), gold):
+        rrs = []
+        for perm in itertools.permutations(range(len(row))):
+            if all(row[perm[i]] >= row[perm[i + 1]] for i in range(len(perm) - 1)):
+                rank = perm.index(g) + 1
+                rrs.append(1 / rank if top_k is None or rank <= top_k else 0.0)
+        total += sum(rrs) / len(rrs)
+    return total / len(gold)
+
+
+def test_mrr_without_ties_is_the_plain_rank():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.3, 0.6, 0.1]])
+    # q0: 0.9 is top -> 1; q1: gold idx 2 (0.7) behind 0.8 -> 1/2; q2: 0.3 behind 0.6 -> 1/2
+    assert mrr(scores, [0, 2, 0]) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert mrr(torch.tensor(scores, dtype=torch.float32), [0, 2, 0]) == pytest.approx((1 + 0.5 + 0.5) / 3)
+
+
+def test_mrr_ties_are_averaged_over_their_orders():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 3, size=(4, 5)).astype(float)  # many ties
+        gold = rng.integers(0, 5, size=4).tolist()
+        for top_k in (None, 1, 2, 4):
+            assert mrr(scores, gold, top_k) == pytest.approx(_mrr_by_enumeration(scores, gold, top_k))
+
+
+@pytest.mark.parametrize("candidates,top_k", [(7, None), (128, None), (300, 100), (50, 100)])
+def test_collapsed_encoder_scores_chance(candidates, top_k):
+    scores = np.zeros((candidates, candidates))  # every embedding equal
+    got = mrr(scores, list(range(candidates)), top_k)
+    assert got == pytest.approx(chance_mrr(candidates, top_k))
+    ranks = np.arange(1, candidates + 1)  # a uniformly random ranking, by hand
+    assert got == pytest.approx(np.mean(np.where(ranks <= (top_k or candidates), 1 / ranks, 0.0)))
+
+
+def test_mrr_top_k_list_counts_later_ranks_as_zero():
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((40, 250))  # no ties, more candidates than the AdvTest list
+    gold = rng.integers(0, 250, size=40)
+    order = np.argsort(-scores, axis=1)  # CodeXGLUE: rank = position in the sorted list, top 100 kept
+    ranks = np.array([list(order[i]).index(gold[i]) + 1 for i in range(40)])
+    assert mrr(scores, gold.tolist(), 100) == pytest.approx(np.mean(np.where(ranks <= 100, 1 / ranks, 0.0)))
+    assert mrr(scores, gold.tolist()) == pytest.approx(np.mean(1 / ranks))
+
+
+def test_non_finite_scores_never_help():
+    scores = np.array([[np.nan, 0.1, 0.5], [0.9, np.nan, 0.2], [0.5, np.inf, 0.1]])
+    # q0: gold NaN -> 0; q1: gold 0.9, the NaN counts as higher -> 1/2; q2: gold 0.5 behind inf -> 1/2
+    assert mrr(scores, [0, 0, 0]) == pytest.approx((0 + 0.5 + 0.5) / 3)
 
 
 def test_chance_mrr_equals_brute_force_over_permutations():
@@ -61,6 +109,31 @@ def test_map_at_r_hand_example():
     # perfect clustering -> 1.0
     emb2 = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert map_at_r(emb2, [0, 0, 1, 1]) == pytest.approx(1.0)
+
+
+def _ap_at_r_pessimistic(sims_row, same, r):
+    """Reference: sort by score, and among equal scores put the other labels first."""
+    order = sorted(range(len(sims_row)), key=lambda j: (-sims_row[j], bool(same[j])))
+    hits = [float(same[j]) for j in order[:r]]
+    return sum(h * sum(hits[:j + 1]) / (j + 1) for j, h in enumerate(hits)) / r
+
+
+def test_map_at_r_ties_rank_pessimistically():
+    labels = [0, 0, 0, 1, 1, 1, 2, 2]  # sorted by label: index order would reward ties
+    collapsed = np.ones((8, 4))
+    assert map_at_r(collapsed, labels) == pytest.approx(0.0)
+    rng = np.random.default_rng(2)
+    emb = rng.integers(0, 2, size=(8, 3)).astype(float)  # many equal dot products
+    sims = emb @ emb.T
+    y = np.array(labels)
+    aps = []
+    for i in range(8):
+        others = [j for j in range(8) if j != i]
+        aps.append(_ap_at_r_pessimistic(sims[i, others], y[others] == y[i], int((y == y[i]).sum()) - 1))
+    assert map_at_r(emb, labels) == pytest.approx(np.mean(aps))
+    for _ in range(5):  # breaking the ties any other way can only score higher
+        jitter = emb + 1e-9 * rng.standard_normal(emb.shape)
+        assert map_at_r(jitter, labels) >= map_at_r(emb, labels) - 1e-12
 
 
 def test_exact_match_and_em_at_k():

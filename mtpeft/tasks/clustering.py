@@ -72,7 +72,9 @@ class Cluster:
     def score(self, preds: list, examples: list[dict]) -> dict:
         labels = [int(e["label"]) for e in examples]
         return {"metric": self.metric, "value": map_at_r(torch.tensor(preds, dtype=torch.float64), labels),
-                "chance": chance_map_at_r(labels)}
+                "chance": chance_map_at_r(labels),
+                "convention": "POJ-104 MAP@R over every other eval item by dot product, ties ranked "
+                              "pessimistically (other labels first)"}
 
 
 def global_supcon(z: torch.Tensor, labels: torch.Tensor, z_all: torch.Tensor, labels_all: torch.Tensor,

@@ -54,12 +54,15 @@ def _as_float64(x: "torch.Tensor | np.ndarray") -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def mrr(scores: "torch.Tensor | np.ndarray", gold: Sequence[int]) -> float:
-    """Mean reciprocal rank of the gold candidate among ALL eval candidates.
+def mrr(scores: "torch.Tensor | np.ndarray", gold: Sequence[int], top_k: int | None = None) -> float:
+    """Mean reciprocal rank of the gold candidate among the eval candidates.
 
-    rank = 1 + number of candidates scoring strictly higher than the gold one, so ties are
-    resolved in the query's favour (an encoder that maps everything to one vector scores 1.0;
-    compare against ``chance_mrr`` and check the embeddings are not collapsed).
+    Ties are averaged: a gold candidate tied with t others, behind h strictly higher ones, gets the
+    expected reciprocal rank over the orders of the tied group, (H(h+t+1) - H(h)) / (t+1), so tied
+    scores never help a model (an encoder that maps everything to one vector scores ``chance_mrr``
+    exactly). A non-finite score counts as higher than the gold one, and a non-finite gold score
+    ranks last. ``top_k``: only a top-k list is scored, ranks past it count 0 (CodeXGLUE AdvTest
+    scores its top-100 list; None scores every rank).
     """
     s = _as_float64(scores)
     if s.ndim != 2:
@@ -68,39 +71,53 @@ def mrr(scores: "torch.Tensor | np.ndarray", gold: Sequence[int]) -> float:
     check_same_length(list(range(s.shape[0])), g, "mrr")
     if g.min() < 0 or g.max() >= s.shape[1]:
         raise ValueError(f"mrr: gold index out of range for {s.shape[1]} candidates")
-    gold_scores = s[np.arange(s.shape[0]), g]
-    ranks = 1 + (s > gold_scores[:, None]).sum(axis=1)
-    return float(np.mean(1.0 / ranks))
+    rows, c = np.arange(s.shape[0]), s.shape[1]
+    k = c if top_k is None else min(int(top_k), c)
+    gold_scores = s[rows, g]
+    others = np.ones_like(s, dtype=bool)
+    others[rows, g] = False
+    higher = ((s > gold_scores[:, None]) | ~np.isfinite(s)) & others
+    tied = (s == gold_scores[:, None]) & others
+    h, t = higher.sum(axis=1), tied.sum(axis=1)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, c + 1))])
+    rr = (harmonic[np.minimum(h + t + 1, k)] - harmonic[np.minimum(h, k)]) / (t + 1)
+    rr = np.where(np.isfinite(gold_scores), rr, 0.0)
+    return float(np.mean(rr))
 
 
-def chance_mrr(num_candidates: int) -> float:
-    """Expected MRR of a uniformly random ranking of C candidates: H_C / C."""
+def chance_mrr(num_candidates: int, top_k: int | None = None) -> float:
+    """Expected MRR of a uniformly random ranking of C candidates: H_min(C,k) / C."""
     if num_candidates < 1:
         raise ValueError("chance_mrr: need at least one candidate")
-    return math.fsum(1.0 / r for r in range(1, num_candidates + 1)) / num_candidates
+    k = num_candidates if top_k is None else min(int(top_k), num_candidates)
+    return math.fsum(1.0 / r for r in range(1, k + 1)) / num_candidates
 
 
 def map_at_r(embeddings: "torch.Tensor | np.ndarray", labels: Sequence[int]) -> float:
     """POJ-104 MAP@R as CodeXGLUE computes it.
 
     Each item queries all others ranked by dot product (L2-normalise first for cosine); R is the
-    number of other items with its label; AP@R = (1/R) Σ_{j≤R, hit at j} precision@j. Ties keep
-    index order (stable sort). Items whose label is unique (R = 0) are skipped: CodeXGLUE divides
-    by zero there; POJ-104 splits never contain one.
+    number of other items with its label; AP@R = (1/R) Σ_{j≤R, hit at j} precision@j. Ties rank
+    pessimistically: within a group of equal scores the other labels come first, so ties never help
+    a model (CodeXGLUE's argsort leaves their order to the sort, and data sorted by label would then
+    reward a collapsed encoder); a non-finite similarity ranks first. Items whose label is unique
+    (R = 0) are skipped: CodeXGLUE divides by zero there; POJ-104 splits never contain one.
     """
     e = _as_float64(embeddings)
     y = np.asarray(labels)
     if e.ndim != 2 or e.shape[0] != len(y):
         raise ValueError(f"map_at_r: embeddings {e.shape} do not match {len(y)} labels")
     sims = e @ e.T
+    sims[~np.isfinite(sims)] = np.inf
     np.fill_diagonal(sims, -np.inf)
-    order = np.argsort(-sims, axis=1, kind="stable")
     aps = []
     for i in range(len(y)):
         r = int((y == y[i]).sum()) - 1
         if r == 0:
             continue
-        hits = (y[order[i, :r]] == y[i]).astype(np.float64)
+        same = y == y[i]
+        order = np.lexsort((same, -sims[i]))  # by score, then misses before hits among equal scores
+        hits = same[order[:r]].astype(np.float64)
         precision_at_j = np.cumsum(hits) / np.arange(1, r + 1)
         aps.append(float((precision_at_j * hits).sum() / r))
     if not aps:

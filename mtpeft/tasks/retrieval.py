@@ -54,4 +54,6 @@ class Retrieve:
         q = torch.tensor([p[0] for p in preds])
         c = torch.tensor([p[1] for p in preds])
         n = len(preds)
-        return {"metric": self.metric, "value": mrr(q @ c.T, list(range(n))), "chance": chance_mrr(n)}
+        return {"metric": self.metric, "value": mrr(q @ c.T, list(range(n))), "chance": chance_mrr(n),
+                "convention": f"MRR of the paired code among all {n} eval candidates, every rank counted, "
+                              f"ties averaged over their orders (a collapsed encoder scores chance)"}
