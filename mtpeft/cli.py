@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mtpeft.command_parser import CommandParser
 from mtpeft.errors import UserError
 from mtpeft.shipped_files import run_config
 from mtpeft.trainer.faults import RunAborted
@@ -87,16 +88,8 @@ def _add_delegated(sub, name: str, module: str, help_text: str) -> None:
     p.set_defaults(func=_delegate(module))
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes are bad input too: one ``error:`` line, exit status 2."""
-
-    def error(self, message: str):
-        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mtpeft", description="Multitask parameter-efficient fine-tuning of code LLMs on "
+    parser = CommandParser(prog="mtpeft", description="Multitask parameter-efficient fine-tuning of code LLMs on "
                                                 "DeepSpeed ZeRO-3, with a 4-bit NF4 base and fused Triton kernels.")
     # the deepspeed launcher prepends --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

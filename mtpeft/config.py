@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,25 +181,44 @@ def _not_mapping(i: int, source: str):
     raise ConfigError(f"{source}: tasks[{i}] must be a mapping with name, kind, format, train, eval")
 
 
+def _list_index(node: list, part: str, key: str) -> int:
+    """A list position named by index or, for a list of named entries (``tasks``), by name."""
+    names = [e.get("name") for e in node if isinstance(e, dict)]
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    if part in names:
+        return names.index(part)
+    by_name = f" or a name ({', '.join(str(n) for n in names)})" if any(names) else ""
+    raise ConfigError(f"--set {key}: {part!r} is not an entry of a list of {len(node)}; "
+                      f"use an index 0..{len(node) - 1}{by_name}")
+
+
 def _apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}: empty part in the key; write sections with dots, e.g. train.lr")
     node = raw
-    for part in parts[:-1]:
-        if part.isdigit() and isinstance(node, list):
-            node = node[int(part)]
-            continue
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[:i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {key}: {part} is not a section")
-    leaf = parts[-1]
-    parsed = yaml.safe_load(value) if value.strip() else ""
+            raise ConfigError(f"--set {key}: {where} is a value, not a section")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {value!r} is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                          f"close the brackets or quote the value") from None
     if isinstance(node, list):
-        node[int(leaf)] = parsed
+        node[_list_index(node, parts[-1], key)] = parsed
     else:
-        node[leaf] = parsed
+        node[parts[-1]] = parsed
 
 
 def _build(cls, raw: Any, prefix: str, source: str):
@@ -278,11 +299,15 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
                     raise ConfigError(f"{where}.{key}: file not found: {p}")
                 setattr(task, key, str(p.resolve()))
     t = cfg.train
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "max_seq_len"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"{source}: train.{key} must be positive, got {getattr(t, key)}")
-    if t.lr <= 0:
-        raise ConfigError(f"{source}: train.lr must be positive, got {t.lr}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "max_seq_len", "keep_checkpoints", "max_bad_steps",
+                "lr", "collective_timeout_s", "retrieval_temperature"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: train.{key} must be positive, got {value}")
+    for key in ("head_lr", "weight_decay", "warmup_steps", "eval_every", "save_every", "transfer_every"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{source}: train.{key} must be 0 or more, got {value}")
     if cfg.peft.r <= 0:
         raise ConfigError(f"{source}: peft.r must be positive, got {cfg.peft.r}")
     if not 0.0 <= cfg.peft.dropout < 1.0:
@@ -291,6 +316,18 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
     out = Path(cfg.output.dir)
     if not out.is_absolute():
         cfg.output.dir = str((Path.cwd() / out).resolve())
+    _check_output_dir(Path(cfg.output.dir), source)
+
+
+def _check_output_dir(out: Path, source: str) -> None:
+    """The run folder must be a folder mtpeft can create or write (checked before any training)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{source}: output.dir {out} is an existing file; name a folder for the run")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{source}: output.dir {out} lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{source}: output.dir {out}: {existing} is not writable; choose another output.dir")
 
 
 def _validate_peft(p: PeftConfig, source: str) -> None:

@@ -25,7 +25,9 @@ def _cfg(method: str, **peft) -> RunConfig:
     tasks = [TaskConfig(name="defect", kind="classify", head_dropout=0.0),
              TaskConfig(name="search", kind="retrieve", head_dropout=0.0)]
     settings = dict(method=method, r=4, alpha=8, dropout=0.0, bottleneck=6, num_virtual_tokens=3)
-    return RunConfig(peft=PeftConfig(**{**settings, **peft}), tasks=tasks)
+    cfg = RunConfig(peft=PeftConfig(**{**settings, **peft}), tasks=tasks)
+    cfg.train.max_seq_len = 64  # within the tiny RoBERTa's 78 positions with the virtual tokens
+    return cfg
 
 
 def _batch(vocab: int):

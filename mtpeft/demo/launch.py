@@ -41,7 +41,11 @@ def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: in
     if ranks < 1:
         raise ConfigError(f"--ranks must be at least 1, got {ranks}")
     out = out.resolve()
-    cmd = launcher_command(config, ranks, port, [f"output.dir={out}", *overrides])
+    overrides = [f"output.dir={out}", *overrides]
+    from mtpeft.config import load_config
+
+    load_config(config, overrides)  # a config error is one line here, not one per rank
+    cmd = launcher_command(config, ranks, port, overrides)
     print("launching:", " ".join(cmd), flush=True)
     start = time.time()
     code = subprocess.call(cmd)

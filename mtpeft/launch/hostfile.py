@@ -9,12 +9,12 @@ shell scripts (first host, host count, total ranks).
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtpeft.command_parser import CommandParser
 from mtpeft.errors import LaunchError, UserError
 
 _HOST = re.compile(r"^[A-Za-z0-9_.:\[\]-]+$")
@@ -66,7 +66,7 @@ def parse_hostfile(path: str | Path) -> list[HostEntry]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtpeft.launch.hostfile", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m mtpeft.launch.hostfile", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("check", "master", "nodes", "slots"))
     parser.add_argument("hostfile")
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from mtpeft.command_parser import CommandParser
 from mtpeft.errors import UserError
 from mtpeft.profile import measure, report
 from mtpeft.profile.run_flops import step_flops_of_run
@@ -315,7 +316,7 @@ def write_profile_report(out: Path, r: dict, records: List[dict]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point under the deepspeed launcher (``--module mtpeft.profile.profile_cli``)."""
-    parser = argparse.ArgumentParser(prog="mtpeft profile")
+    parser = CommandParser(prog="mtpeft profile")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
     try:
         config = AutoConfig.from_pretrained(path)
         _check_kinds(cfg, config)
-        make_tuner(cfg.peft, []).check(config, cfg.model.gradient_checkpointing)
+        make_tuner(cfg.peft, []).check(config, cfg.model.gradient_checkpointing, cfg.train.max_seq_len)
         if cfg.model.quant == "nf4" and Path(path).is_dir():
             # skeleton on meta, shards streamed and quantized module by module, partitioned at once:
             # a rank's peak is its partition plus one module, not the whole model
@@ -104,7 +104,7 @@ def assemble(backbone, cfg: RunConfig, ds_config: dict | None = None) -> Multita
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tuner = make_tuner(cfg.peft, [t.name for t in cfg.tasks])
-    tuner.check(backbone.config, cfg.model.gradient_checkpointing)
+    tuner.check(backbone.config, cfg.model.gradient_checkpointing, cfg.train.max_seq_len)
     torch.manual_seed(cfg.train.seed + 1)
     with _zero_init(ds_config):
         input_module = tuner.inject(backbone)

@@ -53,14 +53,29 @@ def _fill(ds: dict, key_path: str, value, where: str) -> None:
                           f"set it to \"auto\" (or change the RunConfig key instead)")
 
 
+def _check_zero(zero, where: str) -> None:
+    """What DeepSpeed would otherwise reject deep inside engine setup, with a traceback."""
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r} "
+                          f"(mtpeft's templates use 3; zero2 for stage 2)")
+
+
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     path = template_path(cfg.deepspeed.config, Path(cfg.source).resolve().parent if cfg.source else None)
     try:
         template = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: malformed JSON in DeepSpeed config ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({exc})") from None
+    if not isinstance(template, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object ({{...}}), got a {type(template).__name__}")
     ds = _merge(template, cfg.deepspeed.overrides or {})
     where = f"{path.name} (+ deepspeed.overrides)"
+    _check_zero(ds.get("zero_optimization", {}), where)
     t = cfg.train
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, where)
     _fill(ds, "gradient_accumulation_steps", t.grad_accum, where)

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from mtpeft.errors import CheckpointError
+from mtpeft.errors import CheckpointError, ConfigError
+from mtpeft.tuners.family import T5_TYPES
 
 
 class TaskSelector:
@@ -57,7 +58,7 @@ class Tuner:
         self.task_names = list(task_names)
         self.selector: Optional[TaskSelector] = None
 
-    def check(self, model_config, gradient_checkpointing: bool) -> None:
+    def check(self, model_config, gradient_checkpointing: bool, max_seq_len: int = 0) -> None:
         """Raise ConfigError if this method cannot run on this backbone / setup."""
 
     def inject(self, backbone: nn.Module) -> Optional[InputModule]:
@@ -89,6 +90,28 @@ class Tuner:
         from dataclasses import asdict
 
         return {"method": self.name, "format": "hf_peft" if self.hf_peft else "mtpeft", **asdict(self.settings)}
+
+
+ABSOLUTE_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "gpt_bigcode", "gpt2")
+
+
+def check_virtual_positions(model_config, virtual: int, max_seq_len: int) -> None:
+    """Prompt and prefix tokens take positions before the input. A learned position table (RoBERTa,
+    GPT-BigCode) must hold them and the longest input together, or training indexes past it; rotary
+    positions extend past ``max_position_embeddings`` (outside the trained range), so there only the
+    virtual tokens alone must fit."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not positions or model_config.model_type in T5_TYPES:  # relative positions: no table to overrun
+        return
+    if model_config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after padding_idx
+        positions -= (getattr(model_config, "pad_token_id", None) or 1) + 1
+    if model_config.model_type in ABSOLUTE_POSITION_TYPES:
+        if virtual + max_seq_len > positions:
+            raise ConfigError(f"peft.num_virtual_tokens ({virtual}) + train.max_seq_len ({max_seq_len}) exceed the "
+                              f"{positions} positions of this {model_config.model_type} model; lower one of them")
+    elif virtual >= positions:
+        raise ConfigError(f"peft.num_virtual_tokens ({virtual}) leaves no room for the input in the {positions} "
+                          f"positions of this {model_config.model_type} model; use far fewer (the studies use 10-20)")
 
 
 def check_keys(targets: dict, loaded: dict, source: str) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtpeft.errors import ConfigError
-from mtpeft.tuners.base import InputModule, Tuner, peft_task_type
+from mtpeft.tuners.base import InputModule, Tuner, check_virtual_positions, peft_task_type
 from mtpeft.tuners.family import T5_TYPES, replace_module
 from mtpeft.tuners.prompt import decoder_positions
 
@@ -134,10 +134,11 @@ class PrefixTuner(Tuner):
     name = "prefix"
     hf_peft = True
 
-    def check(self, model_config, gradient_checkpointing: bool) -> None:
+    def check(self, model_config, gradient_checkpointing: bool, max_seq_len: int = 0) -> None:
         if gradient_checkpointing:
             raise ConfigError("peft.method prefix needs model.gradient_checkpointing: false (transformers drops "
-                              "past_key_values, which carry the prefix, in checkpointed layers)")
+                              "the cache, which carries the prefix, in checkpointed layers)")
+        check_virtual_positions(model_config, self.settings.num_virtual_tokens, max_seq_len)
 
     def inject(self, backbone: nn.Module) -> PrefixInput:
         s: PrefixSettings = self.settings

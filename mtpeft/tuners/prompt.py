@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mtpeft.tuners.base import InputModule, Tuner, peft_task_type
+from mtpeft.tuners.base import InputModule, Tuner, check_virtual_positions, peft_task_type
 from mtpeft.tuners.gather import gathered
 
 
@@ -49,6 +49,9 @@ class PromptInput(InputModule):
 class PromptTuner(Tuner):
     name = "prompt"
     hf_peft = True
+
+    def check(self, model_config, gradient_checkpointing: bool, max_seq_len: int = 0) -> None:
+        check_virtual_positions(model_config, self.settings.num_virtual_tokens, max_seq_len)
 
     def inject(self, backbone: nn.Module) -> PromptInput:
         table = backbone.get_input_embeddings().weight
