@@ -268,7 +268,7 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
     if not cfg.tasks:
         raise ConfigError(f"{source}: tasks is empty; list at least one task with name, kind, format, train, eval")
     from mtpeft.tasks.formats import FORMATS
-    from mtpeft.tasks.kinds import TASK_KINDS
+    from mtpeft.tasks.kinds import KINDS
 
     seen = set()
     for i, task in enumerate(cfg.tasks):
@@ -279,16 +279,16 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         if task.name in seen:
             raise ConfigError(f"{where}.name {task.name!r} is used twice; task names must be unique")
         seen.add(task.name)
-        if task.kind not in TASK_KINDS:
-            near = difflib.get_close_matches(task.kind, TASK_KINDS, n=1)
+        if task.kind not in KINDS:
+            near = difflib.get_close_matches(task.kind, list(KINDS), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
-            raise ConfigError(f"{where}.kind: unknown task kind {task.kind!r} (one of {', '.join(TASK_KINDS)}){hint}")
+            raise ConfigError(f"{where}.kind: unknown task kind {task.kind!r} (one of {', '.join(KINDS)}){hint}")
         if task.format not in FORMATS:
             near = difflib.get_close_matches(task.format, list(FORMATS), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise ConfigError(f"{where}.format: unknown dataset format {task.format!r} "
                               f"(one of {', '.join(sorted(FORMATS))}){hint}")
-        if FORMATS[task.format].kind != task.kind:
+        if FORMATS[task.format].kind != KINDS[task.kind].example_kind():
             raise ConfigError(f"{where}: format {task.format} gives {FORMATS[task.format].kind} examples, "
                               f"but kind is {task.kind}; set kind: {FORMATS[task.format].kind}")
         for key in _PATH_KEYS:

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from mtpeft.errors import ConfigError
-from mtpeft.tasks.heads import make_head, mean_pool
+from mtpeft.tasks.heads import mean_pool
+from mtpeft.tasks.kinds import KINDS
 
 
 class MultitaskModel(nn.Module):
@@ -28,11 +29,11 @@ class MultitaskModel(nn.Module):
         self.selector = selector
         heads = {}
         for t in tasks:
-            head = make_head(t.kind, hidden, t.head_dropout)
+            head = KINDS[t.kind].make_head(hidden, t.head_dropout)
             if head is not None:
                 heads[t.name] = head
         self.heads = nn.ModuleDict(heads)
-        self.generation_tasks = [t.name for t in tasks if t.kind == "generate"]
+        self.generation_tasks = [t.name for t in tasks if KINDS[t.kind].uses_lm_head]
 
     def set_task(self, task: Optional[str]) -> None:
         """Select the task whose per-task tuner weights the next forward uses (no-op for shared-only methods)."""

@@ -269,9 +269,6 @@ def step_timing(records: List[dict], warmup: int = 1) -> Dict[str, float]:
     }
 
 
-LM_KINDS = ("generate", "program_synthesis")
-
-
 def peft_flop_args(peft: Any) -> Dict[str, Any]:
     """``flops.step_flops`` keywords for a RunConfig ``peft`` section (mtl_lora counted as its LoRA)."""
     from mtpeft.tuners.registry import planned_as
@@ -279,12 +276,6 @@ def peft_flop_args(peft: Any) -> Dict[str, Any]:
     method = planned_as(peft.method)
     return {"peft": method, "r": peft.r, "targets": list(peft.target_modules), "bottleneck": peft.bottleneck,
             "virtual_tokens": peft.num_virtual_tokens if method in ("prompt", "prefix") else 0}
-
-
-def batch_passes(batch: dict) -> List[tuple]:
-    """(rows, length) of every backbone pass a collated batch makes: one per ``*mask`` tensor
-    (retrieval embeds queries and code apart; clustering's two halves cost the same as one)."""
-    return [tuple(int(s) for s in v.shape) for k, v in sorted(batch.items()) if k.endswith("mask") and v.dim() == 2]
 
 
 def pass_flops(arch: Any, rows: int, length: int, lm_head: bool, checkpointing: bool,

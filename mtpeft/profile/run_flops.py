@@ -22,12 +22,12 @@ def step_flops_of_run(cfg, tasks, tok, world: int, steps: int, arch) -> List[Dic
     for step in range(steps):
         slot = mt.schedule.slot(step)
         task = tasks[slot.task]
-        lm = task.config.kind in measure.LM_KINDS
+        lm = task.kind.uses_lm_head
         total, attention, passes = 0, 0, []
         for rank in range(world):
             for micro in range(cfg.train.grad_accum):
                 batch = micro_batch(task, slot, micro, DistContext(rank, world), tok, cfg.train)
-                for rows, length in measure.batch_passes(batch):
+                for rows, length in task.kind.backbone_passes(batch):
                     passes.append([rows, length])
                     terms = measure.pass_flops(arch, rows, length, lm, cfg.model.gradient_checkpointing, args)
                     total += terms["total"]

@@ -118,7 +118,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 def train_variant(name: str, cfg, tasks, tok, steps: int) -> Dict[str, Any]:
     """Build, train ``steps`` multitask steps, and measure one variant."""
     from mtpeft.data.dist import DistContext
-    from mtpeft.trainer.loop import micro_batch, batch_tokens
+    from mtpeft.trainer.loop import micro_batch
     from mtpeft.trainer.multitask_state import MultitaskState
 
     gc.collect()
@@ -147,7 +147,7 @@ def train_variant(name: str, cfg, tasks, tok, steps: int) -> Dict[str, Any]:
         if step == steps - 1:
             states = measure.plain_state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        records.append({"step": step + 1, "task": task.name, "loss": float(loss.detach()), "tokens": batch_tokens(batch),
+        records.append({"step": step + 1, "task": task.name, "loss": float(loss.detach()), "tokens": task.kind.token_count(batch),
                         "seconds": seconds})
     memory = measure.peak_memory()
     result = {

@@ -11,7 +11,9 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from mtpeft.tasks.heads import ClassificationHead
 from mtpeft.tasks.metrics import accuracy, f1_binary
+from mtpeft.tasks.task_kind import TaskKind
 
 
 def bos(tok) -> list[int]:
@@ -28,9 +30,13 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-class Classify:
+class Classify(TaskKind):
     name = "classify"
     metric = "accuracy"
+
+    @classmethod
+    def make_head(cls, hidden: int, dropout: float) -> ClassificationHead:
+        return ClassificationHead(hidden, dropout)
 
     def encode(self, ex: dict, tok, max_len: int) -> dict:
         ids = bos(tok) + tok(ex["text"], add_special_tokens=False)["input_ids"][: max_len - 1]

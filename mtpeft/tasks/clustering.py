@@ -25,15 +25,32 @@ import torch
 import torch.distributed as dist
 
 from mtpeft.tasks.classification import bos, pad
+from mtpeft.tasks.heads import RetrievalHead
 from mtpeft.tasks.metrics import map_at_r
+from mtpeft.tasks.task_kind import TaskKind
 
 
-class Cluster:
+class Cluster(TaskKind):
     name = "cluster"
     metric = "map_at_r"
 
     def __init__(self, temperature: float = 0.05):
         self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, task, train) -> "Cluster":
+        return cls(temperature=train.retrieval_temperature)
+
+    @classmethod
+    def make_head(cls, hidden: int, dropout: float) -> RetrievalHead:
+        return RetrievalHead(hidden)
+
+    def backbone_passes(self, batch: dict) -> list[tuple[int, int]]:
+        """Anchors and partners, padded to one width (one pass's cost each)."""
+        return [tuple(int(s) for s in batch[k].shape) for k in ("attention_mask", "positive_mask")]
+
+    def token_count(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum() + batch["positive_mask"].sum())
 
     def encode(self, ex: dict, tok, max_len: int) -> dict:
         ids = bos(tok) + tok(ex["text"], add_special_tokens=False)["input_ids"][: max_len - 1]

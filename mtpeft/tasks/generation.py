@@ -13,16 +13,28 @@ import torch.nn.functional as F
 
 from mtpeft.tasks.classification import bos
 from mtpeft.tasks.metrics import bleu, exact_match
+from mtpeft.tasks.task_kind import TaskKind
 
 PROMPT = "### Instruction:\n{nl}\n### Response:\n"
 
 
-class Generate:
+class Generate(TaskKind):
     name = "generate"
     metric = "exact_match"
+    uses_lm_head = True
 
     def __init__(self, max_new_tokens: int = 32):
         self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_config(cls, task, train) -> "Generate":
+        return cls(max_new_tokens=task.max_new_tokens)
+
+    def predict_rows(self, model, task: str, rows: list[dict], tok, max_len: int, synced: bool) -> list:
+        return self.generate(model, [self.prompt_ids(r, tok, max_len) for r in rows], tok, synced=synced, task=task)
+
+    def eval_extras(self, preds: list, examples: list[dict]) -> dict:
+        return {"samples": [{"reference": e["target"], "prediction": p} for p, e in list(zip(preds, examples))[:5]]}
 
     def encode(self, ex: dict, tok, max_len: int) -> dict:
         prompt = bos(tok) + tok(PROMPT.format(nl=ex["prompt"]), add_special_tokens=False)["input_ids"]

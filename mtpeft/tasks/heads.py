@@ -33,14 +33,6 @@ class RetrievalHead(nn.Module):
         return F.normalize(self.proj(pooled), dim=-1)
 
 
-def make_head(kind: str, hidden: int, dropout: float) -> nn.Module | None:
-    if kind in ("classify", "pair_classify"):
-        return ClassificationHead(hidden, dropout)
-    if kind in ("retrieve", "cluster"):
-        return RetrievalHead(hidden)
-    return None
-
-
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens: decoder models have no [CLS] and their last token sees only the left."""
     m = mask.unsqueeze(-1).to(hidden.dtype)

@@ -1,7 +1,8 @@
-"""The task kinds: how examples of each kind are encoded, batched, trained on and scored.
+"""The task kinds registry: the only list of kind names. Config validation reads it, and
+``make_kind`` builds a task's kind object from its ``tasks[i]`` and ``train`` sections.
 
-``KINDS`` is the only list of kind names: config validation reads it, and ``make_kind`` builds a
-task's kind object from its ``tasks[i]`` and ``train`` sections.
+A new kind is a ``TaskKind`` subclass in its own file (``tasks/task_kind.py`` says what it must
+answer) plus one line here.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ from mtpeft.tasks.clustering import Cluster
 from mtpeft.tasks.generation import Generate
 from mtpeft.tasks.program_synthesis import ProgramSynthesis
 from mtpeft.tasks.retrieval import Retrieve
+from mtpeft.tasks.task_kind import TaskKind
 
 if TYPE_CHECKING:
     from mtpeft.config import TaskConfig, TrainConfig
 
-KINDS = {
-    Classify.name: lambda task, train: Classify(),
-    PairClassify.name: lambda task, train: PairClassify(),
-    Cluster.name: lambda task, train: Cluster(temperature=train.retrieval_temperature),
-    Retrieve.name: lambda task, train: Retrieve(temperature=train.retrieval_temperature),
-    Generate.name: lambda task, train: Generate(max_new_tokens=task.max_new_tokens),
-    ProgramSynthesis.name: lambda task, train: ProgramSynthesis(max_new_tokens=task.max_new_tokens, seed=train.seed),
+KINDS: dict[str, type[TaskKind]] = {
+    Classify.name: Classify,
+    PairClassify.name: PairClassify,
+    Cluster.name: Cluster,
+    Retrieve.name: Retrieve,
+    Generate.name: Generate,
+    ProgramSynthesis.name: ProgramSynthesis,
 }
-TASK_KINDS = tuple(KINDS)
 
 
-def make_kind(task: TaskConfig, train: TrainConfig):
-    return KINDS[task.kind](task, train)  # config validation names the key before an unknown kind gets here
+def make_kind(task: TaskConfig, train: TrainConfig) -> TaskKind:
+    return KINDS[task.kind].from_config(task, train)  # config validation names an unknown kind first

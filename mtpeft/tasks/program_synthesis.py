@@ -28,6 +28,7 @@ import torch.distributed as dist
 from mtpeft.errors import ConfigError
 from mtpeft.tasks.generation import Generate, decode_uncached
 from mtpeft.tasks.pass_at_k import evaluate_problems
+from mtpeft.tasks.task_kind import TaskKind
 
 SAMPLES = 5  # programs drawn per problem at eval (pass@k needs k ≤ SAMPLES)
 TEMPERATURE = 0.6  # between Chen et al.'s 0.2 (best pass@1) and 0.8 (best pass@100), for pass@1..5
@@ -36,9 +37,14 @@ TEST_TIMEOUT_S = 4.0  # per test, in the sandbox
 TEST_MEMORY_MB = 512
 
 
-class ProgramSynthesis:
+class ProgramSynthesis(TaskKind):
     name = "program_synthesis"
     metric = "pass@1"
+    uses_lm_head = True
+
+    @classmethod
+    def from_config(cls, task, train) -> "ProgramSynthesis":
+        return cls(max_new_tokens=task.max_new_tokens, seed=train.seed)
 
     def __init__(self, max_new_tokens: int = 512, samples: int = SAMPLES, seed: int = 0):
         self.gen = Generate(max_new_tokens=max_new_tokens)
@@ -62,8 +68,7 @@ class ProgramSynthesis:
         for i, it in enumerate(items):  # left padding: new tokens line up at the right edge
             ids[i, width - len(it["prompt"]):] = torch.tensor(it["prompt"])
             mask[i, width - len(it["prompt"]):] = 1
-        # not "*_mask": the trainer counts tokens over the mask keys, and these are eval-only
-        batch["prompt_ids"], batch["prompt_attention"] = ids, mask
+        batch["prompt_ids"], batch["prompt_attention"] = ids, mask  # eval-only: no backbone pass in the loss
         batch["seed"] = zlib.crc32("\n".join(it["problem_id"] for it in items).encode()) ^ self.seed
         return batch
 

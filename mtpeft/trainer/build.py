@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from mtpeft.config import RunConfig
 from mtpeft.errors import ConfigError
+from mtpeft.tasks.kinds import KINDS
 from mtpeft.multitask_model import MultitaskModel
 from mtpeft.tuners.family import T5_TYPES, is_encoder
 from mtpeft.tuners.registry import make_tuner
@@ -82,7 +83,7 @@ def _auto_class(config):
 def _check_kinds(cfg: RunConfig, config) -> None:
     if is_encoder(config):
         for i, t in enumerate(cfg.tasks):
-            if t.kind in ("generate", "program_synthesis"):
+            if KINDS[t.kind].uses_lm_head:
                 raise ConfigError(f"tasks[{i}] ({t.name}): kind {t.kind} needs a decoder (causal LM) backbone, but "
                                   f"model.name_or_path is a {config.model_type} encoder; drop the task or use a decoder")
 

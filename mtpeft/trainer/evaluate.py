@@ -30,22 +30,13 @@ def evaluate_task(model, task, tok, ctx: DistContext, max_len: int, batch_size: 
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         rows = [examples[i] for i in chunk]
-        if kind.name == "generate":
-            preds = kind.generate(model, [kind.prompt_ids(r, tok, max_len) for r in rows], tok, synced=ctx.world > 1,
-                                  task=task.name)
-        else:
-            batch = kind.collate([kind.encode(r, tok, max_len) for r in rows], tok.pad_token_id)
-            preds = kind.predict(model, task.name, batch)
-        outputs.extend(zip(chunk, preds))
+        outputs.extend(zip(chunk, kind.predict_rows(model, task.name, rows, tok, max_len, synced=ctx.world > 1)))
     by_index = {}
     for part in ctx.gather_objects(outputs):
         by_index.update(dict(part))
     preds = [by_index[i] for i in range(n)]
-    result = kind.score(preds, [examples[i] for i in range(n)])
-    result = {"kind": kind.name, **result, "examples": n}
-    if kind.name == "generate":
-        result["samples"] = [{"reference": examples[i]["target"], "prediction": preds[i]} for i in range(min(n, 5))]
-    return result
+    ordered = [examples[i] for i in range(n)]
+    return {"kind": kind.name, **kind.score(preds, ordered), "examples": n, **kind.eval_extras(preds, ordered)}
 
 
 def evaluate(model, tasks: list, tok, ctx: DistContext, max_len: int, batch_size: int) -> dict:

@@ -24,6 +24,7 @@ from mtpeft.data.dist import DistContext
 from mtpeft.launch.nvme import fill_nvme_paths
 from mtpeft.data.shard import TaskStream, micro_batch_indices
 from mtpeft.tasks.kinds import make_kind
+from mtpeft.tasks.task_kind import TaskKind
 from mtpeft.tasks.loading import load_split
 from mtpeft.trainer import checkpoint
 from mtpeft.trainer.build import build_model, load_tokenizer, trainable_parameters
@@ -39,7 +40,7 @@ from mtpeft.trainer.run_log import RunLog
 class TaskRuntime:
     name: str
     config: TaskConfig
-    kind: object
+    kind: TaskKind
     train_set: object
     eval_set: object
     stream: TaskStream
@@ -122,11 +123,6 @@ def _freeze_inactive_heads(engine, optimizer, active: str) -> None:
     for group in optimizer.param_groups:
         if group.get("task") not in (None, active):
             group["lr"] = 0.0
-
-
-def batch_tokens(batch: dict) -> int:
-    """Real tokens of a collated batch: the sum of every ``*mask`` tensor (log.jsonl's ``tokens``)."""
-    return int(sum(v.sum() for k, v in batch.items() if k.endswith("mask")))
 
 
 def write_partition_report(model, ctx: DistContext, path: Path) -> None:
@@ -231,7 +227,7 @@ def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx
                 batch = micro_batch(task, slot, micro, ctx, tok, t)
                 loss = engine(task.kind, task.name, batch, ctx)
                 bad_micro, stop = vote(NonFiniteGuard.is_bad(loss), preemption.requested)
-                tokens += batch_tokens(batch)
+                tokens += task.kind.token_count(batch)
                 if bad_micro:  # every rank skips together: no rank waits in a collective alone
                     bad = True
                     continue
