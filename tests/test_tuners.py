@@ -17,7 +17,7 @@ from mtpeft.tasks.heads import mean_pool
 from mtpeft.trainer.build import assemble
 from mtpeft.tuners.registry import METHODS
 
-FAMILIES = ["llama", "qwen2", "roberta", "t5"]
+FAMILIES = ["llama", "qwen2", "mistral", "codegen", "gpt_bigcode", "starcoder2", "roberta", "t5"]
 IDENTITY_AT_INIT = {"lora", "serial_adapter", "parallel_adapter", "ia3", "mtl_lora"}
 
 
@@ -60,7 +60,7 @@ def test_method_on_family(family, method):
     assert all(p.grad is None for p in backbone.parameters() if id(p) in frozen)
     assert all(p.grad is not None for _, p in tuner)
     assert sum(p.grad.abs().sum().item() for _, p in tuner) > 0
-    if backbone.config.model_type in ("llama", "qwen2"):
+    if backbone.config.model_type not in ("roberta", "t5"):
         assert model.lm_logits(ids, mask).shape == (*ids.shape, backbone.config.vocab_size)
     else:
         with pytest.raises(ConfigError, match="decoder"):
@@ -271,3 +271,67 @@ def test_lora_dropout_on_a_4bit_base_runs_fused_and_matches_float64():
     assert (got.double() - want).abs().max().item() <= 1e-4
     got.sum().backward()
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+DECODERS = ["llama", "qwen2", "mistral", "codegen", "gpt_bigcode", "starcoder2"]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_default_target_exports_of_every_decoder_family_reload_in_hf_peft(tmp_path, family, method):
+    """Default targets (the Llama names, resolved per family) on every decoder family; HF peft's
+    ``PeftModel`` on the saved base and the export gives mtpeft's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mtpeft.data.dist import DistContext
+    from mtpeft.trainer.export import export
+
+    backbone = tiny_backbone(family)
+    backbone.save_pretrained(str(tmp_path / "base"))
+    cfg = _cfg(method)
+    cfg.model.name_or_path = str(tmp_path / "base")
+    model = assemble(backbone, cfg).eval()
+    _perturbed(model)
+    out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
+    ids, mask = _batch(backbone.config.vocab_size)
+    mask = torch.ones_like(mask)
+    with torch.no_grad():
+        ours = model.lm_logits(ids, mask)
+        base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+        plain = base(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids, attention_mask=mask).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert (theirs - plain).abs().max().item() > 1e-3
+
+
+# Each family's projections by role, read off transformers' module names (layer 0).
+EXPECTED_LORA_TARGETS = {
+    "codegen": {"attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"},
+    "gpt_bigcode": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    "starcoder2": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc",
+                   "mlp.c_proj"},
+    "mistral": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj"},
+}
+
+
+@pytest.mark.parametrize("family", list(EXPECTED_LORA_TARGETS))
+def test_default_targets_resolve_to_every_attention_and_mlp_projection(family):
+    from mtpeft.tuners.family import find_linears
+
+    backbone = tiny_backbone(family)
+    chosen = find_linears(backbone, PeftConfig().target_modules, "peft.target_modules")
+    layer0 = {n.split(".0.", 1)[1] for n in chosen if ".0." in n}
+    assert layer0 == EXPECTED_LORA_TARGETS[family]
+    assert len(chosen) == 2 * len(layer0)  # both layers, nothing else (no LM head)
+
+
+@pytest.mark.parametrize("family", ["llama", "codegen", "roberta"])
+def test_all_linear_is_every_linear_but_the_lm_head(family):
+    from mtpeft.tuners.family import find_linears
+
+    backbone = tiny_backbone(family)
+    every = {n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
+    chosen = set(find_linears(backbone, ["all-linear"], "peft.target_modules"))
+    assert chosen == {n for n in every if n != "lm_head" and "pooler" not in n}

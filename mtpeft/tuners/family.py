@@ -1,8 +1,11 @@
 """Where each tuner attaches in a backbone family, in one vocabulary.
 
 Users name target projections the Llama way (``q_proj`` … ``down_proj``). A RoBERTa-style encoder
-(UniXcoder) calls them ``query`` … ``output.dense`` and a T5 encoder (CodeT5+) ``q`` … ``wo``; a
-name that matches nothing literally is looked up here, so one config works on every family.
+(UniXcoder) calls them ``query`` … ``output.dense``, a T5 encoder (CodeT5+) ``q`` … ``wo``, CodeGen
+``qkv_proj`` (one fused projection for q, k and v) … ``fc_out``, GPT-BigCode (StarCoder) ``c_attn``
+(fused) … ``mlp.c_proj`` and StarCoder2 ``q_proj`` … ``mlp.c_proj``; a name that matches nothing
+literally is looked up here, so one config (and the defaults) works on every family. ``all-linear``
+names every linear layer of the stack except the LM head.
 """
 
 from __future__ import annotations
@@ -26,8 +29,19 @@ _T5_ROLES = {
     "o_proj": r".*SelfAttention\.o", "gate_proj": r".*DenseReluDense\.wi_0",
     "up_proj": r".*DenseReluDense\.(wi|wi_1)", "down_proj": r".*DenseReluDense\.wo",
 }
+_CODEGEN_ROLES = {  # q, k and v share one fused projection; no gate
+    "q_proj": r".*attn\.qkv_proj", "k_proj": r".*attn\.qkv_proj", "v_proj": r".*attn\.qkv_proj",
+    "o_proj": r".*attn\.out_proj", "up_proj": r".*mlp\.fc_in", "down_proj": r".*mlp\.fc_out",
+}
+_BIGCODE_ROLES = {  # multi-query attention: q, k and v in one c_attn; c_proj names both outputs
+    "q_proj": r".*attn\.c_attn", "k_proj": r".*attn\.c_attn", "v_proj": r".*attn\.c_attn",
+    "o_proj": r".*attn\.c_proj", "up_proj": r".*mlp\.c_fc", "down_proj": r".*mlp\.c_proj",
+}
+_STARCODER2_ROLES = {"up_proj": r".*mlp\.c_fc", "down_proj": r".*mlp\.c_proj"}  # attention names are Llama's
 ROLE_ALIASES = {"roberta": _BERT_ROLES, "bert": _BERT_ROLES, "xlm-roberta": _BERT_ROLES, "camembert": _BERT_ROLES,
-                "electra": _BERT_ROLES, "t5": _T5_ROLES, "mt5": _T5_ROLES, "umt5": _T5_ROLES}
+                "electra": _BERT_ROLES, "t5": _T5_ROLES, "mt5": _T5_ROLES, "umt5": _T5_ROLES,
+                "codegen": _CODEGEN_ROLES, "gpt_bigcode": _BIGCODE_ROLES, "starcoder2": _STARCODER2_ROLES}
+ALL_LINEAR = "all-linear"
 
 # The feed-forward block of each layer, for the parallel adapter: ``block(x)`` returns the MLP output.
 # BERT-style layers fold the residual and LayerNorm into ``output``, so they get their own wrapper.
@@ -35,7 +49,7 @@ FFN_BLOCKS = {"t5": r".*DenseReluDense", "mt5": r".*DenseReluDense", "umt5": r".
               "roberta": r".*layer\.\d+\.output", "bert": r".*layer\.\d+\.output",
               "xlm-roberta": r".*layer\.\d+\.output", "camembert": r".*layer\.\d+\.output",
               "electra": r".*layer\.\d+\.output"}
-DECODER_FFN_BLOCK = r".*layers\.\d+\.mlp"
+DECODER_FFN_BLOCK = r".*(layers|h)\.\d+\.mlp"  # Llama-style model.layers.N, GPT-style transformer.h.N
 
 
 def model_type(model: nn.Module) -> str:
@@ -60,7 +74,10 @@ def find_linears(model: nn.Module, targets: list, key: str, skip=()) -> list[str
     linears = {n: m for n, m in model.named_modules() if n and _linear_like(m) and not isinstance(m, skip)}
     aliases = ROLE_ALIASES.get(model_type(model), {})
     found: set[str] = set()
-    for target in targets:
+    if ALL_LINEAR in targets:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        found |= {n for n, m in linears.items() if m is not head and "pooler" not in n}  # mean pooling: unused
+    for target in (t for t in targets if t != ALL_LINEAR):
         hits = {n for n in linears if _name_matches(n, target)}
         if not hits and target in aliases:
             hits = {n for n in linears if re.fullmatch(aliases[target], n)}
@@ -68,7 +85,7 @@ def find_linears(model: nn.Module, targets: list, key: str, skip=()) -> list[str
     if not found:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ConfigError(f"{key} {list(targets)} matched no linear layer of this {model_type(model) or 'model'}; "
-                          f"it has: {', '.join(leaves)}")
+                          f"it has: {', '.join(leaves)} (or use [{ALL_LINEAR}])")
     return sorted(found, key=_natural)
 
 
