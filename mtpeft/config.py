@@ -98,6 +98,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
     collective_timeout_s: float = 1800.0
+    logits_chunk: int = 0  # generation loss: 0 automatic (chunked above 256 MiB of fp32 logits), -1 full, N tokens
 
 
 @dataclass
@@ -304,6 +305,9 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         value = getattr(t, key)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{source}: train.{key} must be positive, got {value}")
+    if t.logits_chunk < -1:
+        raise ConfigError(f"{source}: train.logits_chunk must be -1 (full logits), 0 (automatic) or a number of "
+                          f"tokens, got {t.logits_chunk}")
     for key in ("head_lr", "weight_decay", "warmup_steps", "eval_every", "save_every", "transfer_every"):
         value = getattr(t, key)
         if not (math.isfinite(value) and value >= 0):

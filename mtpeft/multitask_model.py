@@ -74,6 +74,23 @@ class MultitaskModel(nn.Module):
         kwargs, virtual = self.backbone_inputs(input_ids, attention_mask)
         return self.backbone(**kwargs).logits[:, virtual:]
 
+    def lm_hidden(self, input_ids, attention_mask, task: Optional[str] = None) -> torch.Tensor:
+        """The final (normed) hidden states the LM head reads, over the real positions."""
+        if task is None and len(self.generation_tasks) == 1:
+            task = self.generation_tasks[0]
+        self.set_task(task)
+        kwargs, virtual = self.backbone_inputs(input_ids, attention_mask)
+        return self.encoder()(**kwargs).last_hidden_state[:, virtual:]
+
+    def plain_lm_head(self) -> Optional[nn.Module]:
+        """The LM head if ``logits = head(hidden)`` exactly (no logit scaling or soft-capping), else None:
+        only then may the loss apply it chunk by chunk."""
+        head = self.backbone.get_output_embeddings() if not self.is_encoder else None
+        cfg = self.backbone.config
+        scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in
+                     ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+        return head if isinstance(head, nn.Linear) and not scaled else None
+
     def forward(self, kind, task: str, batch: dict, ctx) -> torch.Tensor:
         """One task's loss on one micro-batch; ``kind`` is that task's kind object."""
         self.set_task(task)

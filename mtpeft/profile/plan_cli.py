@@ -9,6 +9,7 @@ from typing import Any, Dict
 from mtpeft.errors import UserError
 from mtpeft.profile.architecture import load_architecture
 from mtpeft.profile.planner import GIB, PlanSettings, parse_peft, plan, search
+from mtpeft.tasks.chunked_lm_loss import resolve_chunk
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", choices=("none", "cpu", "nvme", "auto"), default="none")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
-    parser.add_argument("--logits-chunk", type=int, default=0, help="tokens per loss chunk; 0 = full logits")
+    parser.add_argument("--logits-chunk", type=int, default=0,
+                        help="tokens per LM-loss chunk, as train.logits_chunk: 0 automatic (the trainer's default), "
+                             "-1 full logits")
     parser.add_argument("--trainable-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--engine", choices=("auto", "torch", "deepspeed"), default="auto",
                         help="auto: plain PyTorch on one GPU without offload, DeepSpeed ZeRO-3 otherwise")
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--gpus and --nodes must be at least 1")
     if args.gpu_mem <= 0:
         raise UserError(f"--gpu-mem {args.gpu_mem}: must be positive GiB")
+    if args.logits_chunk < -1:
+        raise UserError(f"--logits-chunk {args.logits_chunk}: use -1 (full logits), 0 (automatic) or a number of tokens")
     seq = _positive_or_auto("--seq", str(args.seq))
     micro = _positive_or_auto("--micro-batch", str(args.micro_batch))
     arch = load_architecture(args.model)
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         world_size=args.gpus * args.nodes, gpus_per_node=args.gpus, gpu_mem_gib=args.gpu_mem,
         seq=seq or 2048, micro_batch=micro or 1, peft=parse_peft(args.peft), quant=args.quant,
         double_quant=args.double_quant == "on", offload="none" if args.offload == "auto" else args.offload,
-        checkpointing=args.checkpointing == "on", attention=args.attention, logits_chunk=args.logits_chunk,
+        checkpointing=args.checkpointing == "on", attention=args.attention,
+        logits_chunk=resolve_chunk(args.logits_chunk, (micro or 1) * (seq or 2048), arch.vocab_size),
         trainable_dtype=args.trainable_dtype, allocator_margin=args.margin,
         prefetch_bucket_size=args.prefetch_bucket_size, max_live_parameters=args.max_live_parameters,
         persistence_threshold=args.persistence_threshold, reduce_bucket_size=args.reduce_bucket_size,

@@ -82,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_settings(cfg, world: int):
+def _plan_settings(cfg, world: int, vocab: int = 0):
     from mtpeft.profile.planner import PeftSpec, PlanSettings
-
-    p = cfg.peft
+    from mtpeft.tasks.chunked_lm_loss import resolve_chunk
     from mtpeft.tuners.registry import planned_as
 
+    p = cfg.peft
     method = planned_as(p.method)
     options = {"lora": {"r": p.r, "alpha": p.alpha, "dropout": p.dropout, "targets": "+".join(p.target_modules)},
                "prompt": {"n": p.num_virtual_tokens}, "prefix": {"n": p.num_virtual_tokens},
@@ -96,6 +96,8 @@ def _plan_settings(cfg, world: int):
     return PlanSettings(world_size=world, seq=cfg.train.max_seq_len, micro_batch=cfg.train.micro_batch_size,
                         peft=PeftSpec(method, options), quant=cfg.model.quant, engine="deepspeed",
                         checkpointing=cfg.model.gradient_checkpointing,
+                        logits_chunk=resolve_chunk(cfg.train.logits_chunk,
+                                                   cfg.train.micro_batch_size * cfg.train.max_seq_len, vocab),
                         trainable_dtype="fp32" if cfg.model.dtype == "float32" else "bf16")
 
 
@@ -106,7 +108,7 @@ def _architecture_plan(cfg, world: int) -> Optional[Dict[str, Any]]:
 
     try:
         arch = load_architecture(cfg.model.name_or_path)
-        return {"arch": arch, "plan": plan(arch, _plan_settings(cfg, world))}
+        return {"arch": arch, "plan": plan(arch, _plan_settings(cfg, world, arch.vocab_size))}
     except (UserError, ValueError, KeyError, AttributeError):
         return None
 

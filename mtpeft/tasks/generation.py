@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpeft.tasks.classification import bos
+from mtpeft.tasks.chunked_lm_loss import resolve_chunk, token_cross_entropy
 from mtpeft.tasks.metrics import bleu, exact_match
 from mtpeft.tasks.task_kind import TaskKind
 
@@ -23,12 +24,13 @@ class Generate(TaskKind):
     metric = "exact_match"
     uses_lm_head = True
 
-    def __init__(self, max_new_tokens: int = 32):
+    def __init__(self, max_new_tokens: int = 32, logits_chunk: int = 0):
         self.max_new_tokens = max_new_tokens
+        self.logits_chunk = logits_chunk  # train.logits_chunk: 0 automatic, -1 full logits, N tokens
 
     @classmethod
     def from_config(cls, task, train) -> "Generate":
-        return cls(max_new_tokens=task.max_new_tokens)
+        return cls(max_new_tokens=task.max_new_tokens, logits_chunk=train.logits_chunk)
 
     def predict_rows(self, model, task: str, rows: list[dict], tok, max_len: int, synced: bool) -> list:
         return self.generate(model, [self.prompt_ids(r, tok, max_len) for r in rows], tok, synced=synced, task=task)
@@ -56,10 +58,16 @@ class Generate(TaskKind):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, model, task: str, batch: dict, ctx) -> torch.Tensor:
-        logits = model.lm_logits(batch["input_ids"], batch["attention_mask"], task=task)[:, :-1].float()
         labels = batch["labels"][:, 1:]
-        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                    ignore_index=-100, reduction="none").view(labels.shape)
+        head = model.plain_lm_head() if hasattr(model, "plain_lm_head") else None
+        chunk = resolve_chunk(self.logits_chunk, labels.numel(), head.out_features) if head is not None else 0
+        if chunk:
+            hidden = model.lm_hidden(batch["input_ids"], batch["attention_mask"], task=task)[:, :-1]
+            per_token = token_cross_entropy(hidden, labels, head, chunk)
+        else:
+            logits = model.lm_logits(batch["input_ids"], batch["attention_mask"], task=task)[:, :-1].float()
+            per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                        ignore_index=-100, reduction="none").view(labels.shape)
         counts = (labels != -100).sum(1).clamp_min(1)
         return (per_token.sum(1) / counts).mean()
 

@@ -44,10 +44,10 @@ class ProgramSynthesis(TaskKind):
 
     @classmethod
     def from_config(cls, task, train) -> "ProgramSynthesis":
-        return cls(max_new_tokens=task.max_new_tokens, seed=train.seed)
+        return cls(max_new_tokens=task.max_new_tokens, seed=train.seed, logits_chunk=train.logits_chunk)
 
-    def __init__(self, max_new_tokens: int = 512, samples: int = SAMPLES, seed: int = 0):
-        self.gen = Generate(max_new_tokens=max_new_tokens)
+    def __init__(self, max_new_tokens: int = 512, samples: int = SAMPLES, seed: int = 0, logits_chunk: int = 0):
+        self.gen = Generate(max_new_tokens=max_new_tokens, logits_chunk=logits_chunk)
         self.max_new_tokens = max_new_tokens
         self.samples = samples
         self.seed = seed
