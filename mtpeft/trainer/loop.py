@@ -33,6 +33,7 @@ from mtpeft.trainer.evaluate import evaluate, format_table, write_metrics
 from mtpeft.trainer.export import export
 from mtpeft.trainer.multitask_state import MultitaskState
 from mtpeft.trainer.faults import NonFiniteGuard, Preemption, StepVote, collective_failure
+from mtpeft.trainer.resume_guard import check_same_run
 from mtpeft.trainer.run_log import RunLog
 
 
@@ -171,9 +172,10 @@ def micro_batch(task: TaskRuntime, slot, micro: int, ctx: DistContext, tok, t) -
 def train(cfg: RunConfig) -> Path:
     import deepspeed
 
+    run_dir = Path(cfg.output.dir)
+    check_same_run(cfg, run_dir)  # before config.yaml is rewritten; every rank reads the same files
     tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
     ctx = init_distributed(cfg.train.collective_timeout_s)
-    run_dir = Path(cfg.output.dir)
     ckpt_dir = run_dir / "checkpoints"
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
