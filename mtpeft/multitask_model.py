@@ -17,6 +17,7 @@ import torch.nn as nn
 from mtpeft.errors import ConfigError
 from mtpeft.tasks.heads import mean_pool
 from mtpeft.tasks.kinds import KINDS
+from mtpeft.tuners.keyed_dropout import DropoutKeys
 
 
 class MultitaskModel(nn.Module):
@@ -34,6 +35,7 @@ class MultitaskModel(nn.Module):
                 heads[t.name] = head
         self.heads = nn.ModuleDict(heads)
         self.generation_tasks = [t.name for t in tasks if KINDS[t.kind].uses_lm_head]
+        self.dropout_keys = DropoutKeys()  # read by the KeyedDropout modules key_dropouts put in place
 
     def set_task(self, task: Optional[str]) -> None:
         """Select the task whose per-task tuner weights the next forward uses (no-op for shared-only methods)."""
@@ -45,6 +47,7 @@ class MultitaskModel(nn.Module):
 
     def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict, int]:
         """Keyword arguments for the backbone, and how many virtual positions lead its outputs."""
+        self.dropout_keys.next_pass()
         if self.input_module is None:
             return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
         kwargs = self.input_module(input_ids, attention_mask, self.backbone.get_input_embeddings(),
@@ -92,6 +95,11 @@ class MultitaskModel(nn.Module):
         return head if isinstance(head, nn.Linear) and not scaled else None
 
     def forward(self, kind, task: str, batch: dict, ctx) -> torch.Tensor:
-        """One task's loss on one micro-batch; ``kind`` is that task's kind object."""
+        """One task's loss on one micro-batch; ``kind`` is that task's kind object. The batch's
+        ``row_keys`` (set by the trainer) key the dropout masks of its rows."""
         self.set_task(task)
-        return kind.loss(self, task, batch, ctx)
+        self.dropout_keys.begin(batch.get("row_keys"))
+        try:
+            return kind.loss(self, task, batch, ctx)
+        finally:
+            self.dropout_keys.begin(None)  # autograd keeps the masks; nothing later may read these keys

@@ -20,15 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_config(tmp: Path, name: str = "tiny.yaml", **train) -> Path:
-    """The demo config cut down for tests: no dropout (so ranks cannot differ by RNG), tiny eval."""
+def tiny_config(tmp: Path, name: str = "tiny.yaml", keep_dropout: bool = False, **train) -> Path:
+    """The demo config cut down for tests: tiny eval, and no dropout unless ``keep_dropout`` (the
+    demo's LoRA dropout 0.05 and head dropout 0.1)."""
     raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     raw["model"]["name_or_path"] = str(REPO / "mtpeft/assets/demo/base_model")
-    raw["peft"]["dropout"] = 0.0
+    if not keep_dropout:
+        raw["peft"]["dropout"] = 0.0
     for t in raw["tasks"]:
         for split in ("train", "eval"):
             t[split] = str((REPO / "configs" / t[split]).resolve())
-        t["head_dropout"] = 0.0
+        if not keep_dropout:
+            t["head_dropout"] = 0.0
         t["max_eval_examples"] = 12
         t["max_new_tokens"] = 6
     raw["train"].update({"max_steps": 8, "micro_batch_size": 2, "max_seq_len": 96, "warmup_steps": 0})

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several proces
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
     two, one = tmp / "two_ranks", tmp / "one_rank"
-    cfg2 = tiny_config(tmp, "two.yaml", micro_batch_size=2)
-    cfg1 = tiny_config(tmp, "one.yaml", micro_batch_size=4)
+    # the demo's dropouts on (LoRA 0.05, heads 0.1): their masks are keyed by example, not by rank
+    cfg2 = tiny_config(tmp, "two.yaml", keep_dropout=True, micro_batch_size=2)
+    cfg1 = tiny_config(tmp, "one.yaml", keep_dropout=True, micro_batch_size=4)
     run(deepspeed_cmd(2, "--module", "mtpeft", "train", str(cfg2), "--set", f"output.dir={two}"), tmp / "two.log")
     run([sys.executable, "-m", "mtpeft", "train", str(cfg1), "--set", f"output.dir={one}"], tmp / "one.log")
     return {"two": two, "one": one}

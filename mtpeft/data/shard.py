@@ -33,9 +33,17 @@ class TaskStream:
         return out
 
 
+def micro_batch_positions(occurrence: int, micro_step: int, rank: int, micro_batch: int, grad_accum: int,
+                          world: int) -> range:
+    """Stream positions of (occurrence, micro_step, rank) of one task: each row's identity in the run,
+    the same whatever the world size (the key of its dropout masks)."""
+    global_batch = micro_batch * grad_accum * world
+    start = occurrence * global_batch + (micro_step * world + rank) * micro_batch
+    return range(start, start + micro_batch)
+
+
 def micro_batch_indices(stream: TaskStream, occurrence: int, micro_step: int, rank: int,
                         micro_batch: int, grad_accum: int, world: int) -> list[int]:
     """Dataset rows for (occurrence, micro_step, rank) of one task."""
-    global_batch = micro_batch * grad_accum * world
-    start = occurrence * global_batch + (micro_step * world + rank) * micro_batch
-    return stream.window(start, micro_batch)
+    positions = micro_batch_positions(occurrence, micro_step, rank, micro_batch, grad_accum, world)
+    return stream.window(positions.start, micro_batch)

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from mtpeft.config import RunConfig
 from mtpeft.errors import ConfigError
 from mtpeft.tasks.kinds import KINDS
+from mtpeft.tuners.keyed_dropout import key_dropouts
 from mtpeft.multitask_model import MultitaskModel
 from mtpeft.tuners.family import T5_TYPES, is_encoder
 from mtpeft.tuners.registry import make_tuner
@@ -112,6 +113,8 @@ def assemble(backbone, cfg: RunConfig, ds_config: dict | None = None) -> Multita
         model = MultitaskModel(backbone, cfg.tasks, hidden_size(backbone.config), input_module=input_module,
                                selector=tuner.selector, is_encoder=is_encoder(backbone.config))
     model.tuner = tuner
+    if not cfg.model.gradient_checkpointing:  # recomputation would read the keys of a later pass
+        key_dropouts(model, model.dropout_keys)
     if DTYPES[cfg.model.dtype] != torch.float32:
         model.heads.to(DTYPES[cfg.model.dtype])
     return model

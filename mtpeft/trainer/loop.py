@@ -22,7 +22,7 @@ import torch.distributed as dist
 from mtpeft.config import RunConfig, TaskConfig, dump_config
 from mtpeft.data.dist import DistContext
 from mtpeft.launch.nvme import fill_nvme_paths
-from mtpeft.data.shard import TaskStream, micro_batch_indices
+from mtpeft.data.shard import TaskStream, micro_batch_indices, micro_batch_positions
 from mtpeft.tasks.kinds import make_kind
 from mtpeft.tasks.task_kind import TaskKind
 from mtpeft.tasks.loading import load_split
@@ -162,11 +162,15 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 def micro_batch(task: TaskRuntime, slot, micro: int, ctx: DistContext, tok, t) -> dict:
     """This rank's collated micro-batch ``micro`` of the step ``slot`` (a pure function of seed and
-    step: the profiler re-collates any rank's batches with it)."""
-    idx = micro_batch_indices(task.stream, slot.occurrence, micro, ctx.rank, t.micro_batch_size, t.grad_accum,
-                              ctx.world)
-    rows = [task.train_set[i] for i in idx]
-    return task.kind.collate([task.kind.encode(r, tok, t.max_seq_len) for r in rows], tok.pad_token_id)
+    step: the profiler re-collates any rank's batches with it), with ``row_keys``: each row's task and
+    stream position, which key its dropout masks."""
+    where = (slot.occurrence, micro, ctx.rank, t.micro_batch_size, t.grad_accum, ctx.world)
+    rows = [task.train_set[i] for i in micro_batch_indices(task.stream, *where)]
+    batch = task.kind.collate([task.kind.encode(r, tok, t.max_seq_len) for r in rows], tok.pad_token_id)
+    run_task = ((t.seed * 1_000_003 + task.stream.task_index) & 0x3FFFFFFF) << 32
+    batch["row_keys"] = torch.tensor([run_task | (pos & 0xFFFFFFFF) for pos in micro_batch_positions(*where)],
+                                     dtype=torch.int64)
+    return batch
 
 
 def train(cfg: RunConfig) -> Path:
