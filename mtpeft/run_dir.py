@@ -15,6 +15,7 @@ import yaml
 from mtpeft.config import RunConfig, from_dict
 from mtpeft.errors import CheckpointError
 from mtpeft.trainer.build import build_model
+from mtpeft.trainer.damaged import complete_tags, reading
 from mtpeft.trainer.export import load_export
 
 
@@ -22,7 +23,15 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); pass the output.dir of a run")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise CheckpointError(f"{where}: the run's config cannot be read ({getattr(exc, 'problem', None) or exc}); "
+                              f"restore it from the config the run was started with") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a RunConfig; restore it from the config the run was started with")
     return from_dict(raw, base_dir=Path(run_dir), source=str(path))
 
 
@@ -39,7 +48,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def _load_checkpoint(model, tag_dir: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    others = complete_tags(tag_dir.parent, but=tag_dir.name)
+    instead = ("use --source export" + (f", or point {tag_dir.parent / 'latest'} at {others[0]}" if others else ""))
+    with reading(tag_dir, instead):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     missing = sorted(trainable - set(state))

@@ -145,3 +145,23 @@ def test_dead_peer_ends_the_run_with_an_error_naming_the_step(tmp_path):
     assert len(errors) == 1 and "a collective operation failed" in errors[0], err[-3000:]
     step = int(errors[0].split("step ")[1].split(":")[0])
     assert step > 3
+
+
+def test_truncated_zero_shard_is_named_and_the_older_checkpoint_offered(straight_and_resumed, tmp_path, capsys):
+    import shutil
+
+    from mtpeft.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_and_resumed["straight"], run)
+    shards = [p for p in (run / "checkpoints" / "step10").glob("*.pt") if p.name != "run_state.pt"
+              and not p.name.startswith("rng_")]
+    assert shards
+    for shard in shards:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    code = main(["export", str(run), "--out", str(tmp_path / "exp"), "--source", "checkpoint"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert "step10: cannot be read" in lines[0] and "--source export" in lines[0] and "at step5" in lines[0]
+    assert not (tmp_path / "exp").exists()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError
+from mtpeft.trainer.damaged import complete_tags, reading
 
 POINTER = "latest"
 
@@ -88,16 +89,22 @@ def load(engine, ckpt_dir: Path, ctx: DistContext) -> dict | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    run_state = torch.load(ckpt_dir / tag / "run_state.pt", weights_only=False)
+    others = complete_tags(ckpt_dir, but=tag)
+    instead = (f"point {ckpt_dir / POINTER} at {others[0]} (the newest other complete checkpoint) and rerun"
+               if others else f"remove {ckpt_dir / POINTER} to start over")
+    with reading(ckpt_dir / tag / "run_state.pt", instead):
+        run_state = torch.load(ckpt_dir / tag / "run_state.pt", weights_only=False)
     if run_state["world_size"] != ctx.world:
         # DeepSpeed's ZeRO partitions are per rank; the data order would survive, the partitions not
         raise CheckpointError(f"{ckpt_dir / tag}: saved with {run_state['world_size']} ranks, resuming with "
                               f"{ctx.world}; resume with the same world size")
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with reading(ckpt_dir / tag, instead):
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt_dir / tag / f"rng_rank{ctx.rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        with reading(rng_file, instead):
+            set_rng_state(torch.load(rng_file, weights_only=False))
     return run_state

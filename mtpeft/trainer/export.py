@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from mtpeft.config import RunConfig
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError, UserError
+from mtpeft.trainer.damaged import reading
 from mtpeft.tuners.base import check_keys
 from mtpeft.tuners.gather import gathered
 
@@ -118,8 +119,10 @@ def load_export(model, export_dir: Path) -> None:
         if not (export_dir / name).is_file():
             raise CheckpointError(f"{export_dir / name}: missing; re-run `mtpeft export RUN_DIR --out DIR`")
     manifest = export_dir / MANIFEST_FILE
+    redo = "export the run again (`mtpeft export RUN_DIR --out DIR`) or copy the folder again"
     if manifest.is_file():
-        peft = json.loads(manifest.read_text()).get("peft", {})
+        with reading(manifest, redo):
+            peft = json.loads(manifest.read_text()).get("peft", {})
         method, order = peft.get("method"), peft.get("task_order")
         if method and method != model.tuner.name:
             raise CheckpointError(f"{manifest}: the export is peft.method {method}, this config builds "
@@ -127,9 +130,12 @@ def load_export(model, export_dir: Path) -> None:
         if order is not None and order != model.tuner.task_names:
             raise CheckpointError(f"{manifest}: per-task tensors are for tasks {order}, this config lists "
                                   f"{model.tuner.task_names}; list the tasks in the export's order")
-    model.tuner.load_tensors(model, load_file(str(export_dir / ADAPTER_FILE)), str(export_dir))
+    with reading(export_dir / ADAPTER_FILE, redo):
+        adapter = load_file(str(export_dir / ADAPTER_FILE))
+    model.tuner.load_tensors(model, adapter, str(export_dir))
     heads = _head_params(model)
-    loaded = load_file(str(export_dir / HEADS_FILE))
+    with reading(export_dir / HEADS_FILE, redo):
+        loaded = load_file(str(export_dir / HEADS_FILE))
     check_keys(heads, loaded, str(export_dir))
     with torch.no_grad():
         for key, param in heads.items():

@@ -1,0 +1,90 @@
+"""Files mtpeft reads back, damaged: a truncated adapter or heads file, a broken manifest, a run
+config with a broken line, a truncated checkpoint run state. Each is one CheckpointError naming the
+file and what to do; through the CLI one ``error:`` line and exit 2. (A truncated ZeRO shard read by
+``export --source checkpoint`` is in test_resume_faults.py, which has real checkpoints.)"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distributed import tiny_config
+from mtpeft.cli import main
+from mtpeft.config import dump_config, load_config
+from mtpeft.data.dist import DistContext
+from mtpeft.errors import CheckpointError
+from mtpeft.trainer.build import build_model
+from mtpeft.trainer.export import export, load_export
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished run's folder as eval reads it: config.yaml and export/."""
+    tmp = tmp_path_factory.mktemp("damaged")
+    run = tmp / "run"
+    cfg = load_config(tiny_config(tmp), [f"output.dir={run}", "peft.r=4"])
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    export(build_model(cfg), cfg, run / "export", DistContext(0, 1))
+    return run
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def _cli(capsys, *argv) -> tuple[int, list[str]]:
+    """Exit code and the ``error:`` lines (progress bars of model loading may share stderr)."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "heads.safetensors", "tasks.json"])
+def test_damaged_export_file_is_named(run_dir, tmp_path, name):
+    run = _copy(run_dir, tmp_path)
+    _truncate(run / "export" / name)
+    cfg = load_config(run / "config.yaml")
+    with pytest.raises(CheckpointError, match=f"{name}: cannot be read.*export the run again"):
+        load_export(build_model(cfg), run / "export")
+
+
+def test_eval_of_a_run_with_a_truncated_adapter_is_one_error_line(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    _truncate(run / "export" / "adapter_model.safetensors", 0.3)
+    before = (run / "export" / "adapter_model.safetensors").read_bytes()
+    code, err = _cli(capsys, "eval", str(run))
+    assert code == 2 and len(err) == 1 and "adapter_model.safetensors: cannot be read" in err[0], err
+    assert (run / "export" / "adapter_model.safetensors").read_bytes() == before
+    assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("text,where", [("model: {name_or_path: [x\n", ":2:"), ("peft: [1, 2\ntasks: {}\n", ":")])
+def test_run_config_with_a_broken_line(run_dir, tmp_path, capsys, text, where):
+    run = _copy(run_dir, tmp_path)
+    (run / "config.yaml").write_text(text)
+    code, err = _cli(capsys, "eval", str(run))
+    assert code == 2 and len(err) == 1 and "config.yaml" in err[0] and "cannot be read" in err[0], err
+
+
+def test_truncated_run_state_offers_the_previous_checkpoint(tmp_path):
+    from mtpeft.trainer import checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    for tag in ("step5", "step10"):
+        (ckpt / tag).mkdir(parents=True)
+        import torch
+
+        torch.save({"world_size": 1, "step": int(tag[4:])}, ckpt / tag / "run_state.pt")
+    (ckpt / "latest").write_text("step10")
+    _truncate(ckpt / "step10" / "run_state.pt", 0.4)
+    with pytest.raises(CheckpointError, match=r"run_state.pt: cannot be read.*point .*latest at step5"):
+        checkpoint.load(None, ckpt, DistContext(0, 1))
