@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
 
@@ -37,11 +38,8 @@ class IA3Linear(WrappedLinear):
         scale = self.ia3_l.flatten().to(x.dtype)
         if self.feedforward:
             return self.base(x * scale)
-        if hasattr(self.base, "forward_with_lora"):  # 4-bit base: the scale rides in the fused kernel
-            from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
-
-            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-            return nf4_lora_linear(x, self.base.quant_weight, None, None, 1.0, bias, ia3=scale)
+        if isinstance(self.base, QuantLinear):  # 4-bit base: the scale rides in the fused kernel
+            return self.base.fused(x, ia3=scale)
         return self.base(x) * scale
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
 
@@ -51,16 +52,12 @@ class LoraLinear(WrappedLinear):
 
 def lora_forward(base: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                  dropout: nn.Module, training: bool) -> torch.Tensor:
-    """``base(x) + s·dropout(x)·Aᵀ·Bᵀ``. On a 4-bit base one fused NF4 op does it all, dropout included
-    (its LoRA branch reads ``lora_x = dropout(x)``)."""
+    """``base(x) + s·dropout(x)·Aᵀ·Bᵀ``. On a 4-bit base (a ``QuantLinear``) its one fused entry point
+    does it all, dropout included (the LoRA branch reads ``lora_x = dropout(x)``)."""
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    if hasattr(base, "forward_with_lora"):
-        if isinstance(dropout, nn.Identity) or not training:
-            return base.forward_with_lora(x, a, b, scaling)
-        from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
-
-        bias = base.bias.to(x.dtype) if base.bias is not None else None
-        return nf4_lora_linear(x, base.quant_weight, a, b, scaling, bias, lora_x=dropout(x))
+    if isinstance(base, QuantLinear):
+        lora_x = None if isinstance(dropout, nn.Identity) or not training else dropout(x)
+        return base.fused(x, a, b, scaling, lora_x=lora_x)
     return base(x) + F.linear(F.linear(dropout(x), a), b) * scaling
 
 
