@@ -33,8 +33,8 @@ def runs(tmp_path_factory):
     hostfile = tmp / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     nodes_dir, single_dir = tmp / "two_nodes_run", tmp / "one_rank_run"
-    cfg_nodes = tiny_config(tmp, "nodes.yaml", micro_batch_size=2, max_steps=STEPS)
-    cfg_single = tiny_config(tmp, "single.yaml", micro_batch_size=4, max_steps=STEPS)
+    cfg_nodes = tiny_config(tmp, "nodes.yaml", keep_dropout=True, micro_batch_size=2, max_steps=STEPS)
+    cfg_single = tiny_config(tmp, "single.yaml", keep_dropout=True, micro_batch_size=4, max_steps=STEPS)
     e = dict(env(), PYTHON=sys.executable,
              DEEPSPEED=shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed")))
     port = str(free_port())
