@@ -62,6 +62,7 @@ class TaskConfig:
     max_eval_examples: int = 0
     head_dropout: float = 0.1
     max_new_tokens: int = 32
+    num_beams: int = 1  # generation eval: 1 greedy, k > 1 beam search with EM@k (the code-generation study: 10)
 
 
 @dataclass
@@ -280,6 +281,13 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         if task.name in seen:
             raise ConfigError(f"{where}.name {task.name!r} is used twice; task names must be unique")
         seen.add(task.name)
+        for key in ("max_new_tokens", "num_beams"):
+            if getattr(task, key) < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1, got {getattr(task, key)}")
+        if task.max_eval_examples < 0:
+            raise ConfigError(f"{where}.max_eval_examples must be 0 (all) or more, got {task.max_eval_examples}")
+        if not 0.0 <= task.head_dropout < 1.0:
+            raise ConfigError(f"{where}.head_dropout must be in [0, 1), got {task.head_dropout}")
         if task.kind not in KINDS:
             near = difflib.get_close_matches(task.kind, list(KINDS), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""

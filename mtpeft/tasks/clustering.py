@@ -33,6 +33,7 @@ from mtpeft.tasks.task_kind import TaskKind
 class Cluster(TaskKind):
     name = "cluster"
     metric = "map_at_r"
+    pass_masks = ("attention_mask", "positive_mask")  # anchors and partners: one pass's cost each
 
     def __init__(self, temperature: float = 0.05):
         self.temperature = temperature
@@ -44,13 +45,6 @@ class Cluster(TaskKind):
     @classmethod
     def make_head(cls, hidden: int, dropout: float) -> RetrievalHead:
         return RetrievalHead(hidden)
-
-    def backbone_passes(self, batch: dict) -> list[tuple[int, int]]:
-        """Anchors and partners, padded to one width (one pass's cost each)."""
-        return [tuple(int(s) for s in batch[k].shape) for k in ("attention_mask", "positive_mask")]
-
-    def token_count(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum() + batch["positive_mask"].sum())
 
     def encode(self, ex: dict, tok, max_len: int) -> dict:
         ids = bos(tok) + tok(ex["text"], add_special_tokens=False)["input_ids"][: max_len - 1]

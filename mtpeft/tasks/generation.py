@@ -13,10 +13,15 @@ import torch.nn.functional as F
 
 from mtpeft.tasks.classification import bos
 from mtpeft.tasks.chunked_lm_loss import resolve_chunk, token_cross_entropy
-from mtpeft.tasks.metrics import bleu, exact_match
+from mtpeft.tasks.beam_search import beam_search_uncached
+from mtpeft.tasks.codebleu import codebleu
+from mtpeft.tasks.metrics import bleu, em_at_k, exact_match
 from mtpeft.tasks.task_kind import TaskKind
 
 PROMPT = "### Instruction:\n{nl}\n### Response:\n"
+
+
+EM_AT = (1, 2, 5, 10)  # the code-generation study's EM@k
 
 
 class Generate(TaskKind):
@@ -24,19 +29,21 @@ class Generate(TaskKind):
     metric = "exact_match"
     uses_lm_head = True
 
-    def __init__(self, max_new_tokens: int = 32, logits_chunk: int = 0):
+    def __init__(self, max_new_tokens: int = 32, logits_chunk: int = 0, num_beams: int = 1):
         self.max_new_tokens = max_new_tokens
         self.logits_chunk = logits_chunk  # train.logits_chunk: 0 automatic, -1 full logits, N tokens
+        self.num_beams = num_beams  # evaluation: 1 greedy; k > 1 beam search, EM@k for k in EM_AT
 
     @classmethod
     def from_config(cls, task, train) -> "Generate":
-        return cls(max_new_tokens=task.max_new_tokens, logits_chunk=train.logits_chunk)
+        return cls(max_new_tokens=task.max_new_tokens, logits_chunk=train.logits_chunk, num_beams=task.num_beams)
 
     def predict_rows(self, model, task: str, rows: list[dict], tok, max_len: int, synced: bool) -> list:
-        return self.generate(model, [self.prompt_ids(r, tok, max_len) for r in rows], tok, synced=synced, task=task)
+        """Each row's candidates, best first: one with greedy decoding, ``num_beams`` with beam search."""
+        return self.candidates(model, [self.prompt_ids(r, tok, max_len) for r in rows], tok, synced=synced, task=task)
 
     def eval_extras(self, preds: list, examples: list[dict]) -> dict:
-        return {"samples": [{"reference": e["target"], "prediction": p} for p, e in list(zip(preds, examples))[:5]]}
+        return {"samples": [{"reference": e["target"], "prediction": _best(p)} for p, e in list(zip(preds, examples))[:5]]}
 
     def encode(self, ex: dict, tok, max_len: int) -> dict:
         prompt = bos(tok) + tok(PROMPT.format(nl=ex["prompt"]), add_special_tokens=False)["input_ids"]
@@ -77,7 +84,14 @@ class Generate(TaskKind):
 
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], tok, synced: bool, task: str | None = None) -> list[str]:
-        """Greedy decoding; ``synced`` keeps every ZeRO-3 rank stepping until all are done.
+        """The best candidate of each prompt (greedy, or the top beam)."""
+        return [c[0] for c in self.candidates(model, prompts, tok, synced, task)]
+
+    @torch.no_grad()
+    def candidates(self, model, prompts: list[list[int]], tok, synced: bool, task: str | None = None
+                   ) -> list[list[str]]:
+        """Greedy decoding (``num_beams`` 1) or beam search, best first; ``synced`` keeps every ZeRO-3
+        rank stepping until all are done.
 
         Tuners that rewrite the inputs (prompt, prefix) decode through ``model.lm_logits`` so the virtual
         tokens are in every step; the others use the backbone's cached ``generate``."""
@@ -87,26 +101,46 @@ class Generate(TaskKind):
         for i, p in enumerate(prompts):  # left padding: new tokens line up at the right edge
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        k = self.num_beams
         if getattr(model, "input_module", None) is not None:
+            if k > 1:
+                rows = beam_search_uncached(model, ids, mask, tok, self.max_new_tokens, k, synced, task)
+                return [[tok.decode(r, skip_special_tokens=True).strip() for r in beams] for beams in rows]
             new = self._greedy(model, ids, mask, tok, synced, task)
         else:
             if hasattr(model, "set_task"):
                 model.set_task(task if task is not None else _only(model.generation_tasks))
             out = model.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                          do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
-                                          eos_token_id=tok.eos_token_id, synced_gpus=synced)
+                                          do_sample=False, num_beams=k, num_return_sequences=k,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                          synced_gpus=synced)
             new = out[:, width:]
-        return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+        texts = [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def _greedy(self, model, ids, mask, tok, synced: bool, task: str | None) -> torch.Tensor:
         return decode_uncached(model, ids, mask, tok, self.max_new_tokens, synced, task,
                                lambda logits: logits.argmax(-1))
 
     def score(self, preds: list, examples: list[dict]) -> dict:
+        """Exact match of the best candidate (the headline), EM@k over the beams, BLEU and CodeBLEU of
+        the best candidate; an empty prediction is the chance baseline."""
         refs = [e["target"] for e in examples]
-        empty = [""] * len(refs)
-        return {"metric": self.metric, "value": exact_match(preds, refs), "chance": exact_match(empty, refs),
-                "bleu": bleu(preds, refs), "chance_bleu": bleu(empty, refs)}
+        cands = [p if isinstance(p, list) else [p] for p in preds]
+        best, empty = [c[0] for c in cands], [""] * len(refs)
+        out = {"metric": self.metric, "value": exact_match(best, refs), "chance": exact_match(empty, refs),
+               "bleu": bleu(best, refs), "chance_bleu": bleu(empty, refs)}
+        beams = max(len(c) for c in cands)
+        out.update({f"em@{k}": em_at_k(cands, refs, k) for k in EM_AT if k <= beams})
+        out["codebleu"] = codebleu(best, refs)["codebleu"]
+        out["convention"] = (f"{'greedy decoding' if beams == 1 else f'beam search, {beams} beams'}; exact match "
+                             f"after collapsing whitespace; BLEU and CodeBLEU (ast-based, docs/METRICS.md) of the "
+                             f"best candidate")
+        return out
+
+
+def _best(pred) -> str:
+    return pred[0] if isinstance(pred, list) else pred
 
 
 def _only(names: list[str]) -> str | None:

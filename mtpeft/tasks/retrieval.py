@@ -20,6 +20,7 @@ from mtpeft.tasks.task_kind import TaskKind
 class Retrieve(TaskKind):
     name = "retrieve"
     metric = "mrr"
+    pass_masks = ("query_mask", "code_mask")  # queries and code are embedded in two passes
 
     def __init__(self, temperature: float = 0.05):
         self.temperature = temperature
@@ -32,12 +33,6 @@ class Retrieve(TaskKind):
     def make_head(cls, hidden: int, dropout: float) -> RetrievalHead:
         return RetrievalHead(hidden)
 
-    def backbone_passes(self, batch: dict) -> list[tuple[int, int]]:
-        """Queries and code are embedded in two passes."""
-        return [tuple(int(s) for s in batch[k].shape) for k in ("query_mask", "code_mask")]
-
-    def token_count(self, batch: dict) -> int:
-        return int(batch["query_mask"].sum() + batch["code_mask"].sum())
 
     def encode(self, ex: dict, tok, max_len: int) -> dict:
         q = bos(tok) + tok(ex["query"], add_special_tokens=False)["input_ids"][: max_len - 1]

@@ -5,7 +5,8 @@ A kind turns dataset examples into batches (``encode``, ``collate``), a batch in
 examples into predictions and predictions into ``metrics.json``'s numbers; it says whether it needs
 a task head (``make_head``) or decodes through the LM head (``uses_lm_head``), which backbone passes
 a batch costs (``backbone_passes``: FLOPs) and how many real tokens it holds (``token_count``:
-tokens/s). Adding a kind is one file with a ``TaskKind`` subclass plus one line in ``tasks/kinds.py``.
+tokens/s), both read off the masks it names in ``pass_masks``. Adding a kind is one file with a
+``TaskKind`` subclass plus one line in ``tasks/kinds.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class TaskKind:
     metric = ""            # the headline number in metrics.json
     uses_lm_head = False   # trains and predicts through the backbone's LM head: needs a decoder
     examples_like = ""     # another kind whose dataset formats this one reads ("" = its own)
+    pass_masks = ("attention_mask",)  # the batch's mask of each backbone pass the loss makes
 
     @classmethod
     def from_config(cls, task: TaskConfig, train: TrainConfig) -> TaskKind:
@@ -66,8 +68,8 @@ class TaskKind:
 
     def backbone_passes(self, batch: dict) -> list[tuple[int, int]]:
         """(rows, padded length) of every backbone pass ``loss`` makes on ``batch``."""
-        return [tuple(int(s) for s in batch["attention_mask"].shape)]
+        return [tuple(int(s) for s in batch[k].shape) for k in self.pass_masks]
 
     def token_count(self, batch: dict) -> int:
         """Real (unpadded) tokens ``loss`` reads from ``batch``: log.jsonl's ``tokens``."""
-        return int(batch["attention_mask"].sum())
+        return int(sum(batch[k].sum() for k in self.pass_masks))
