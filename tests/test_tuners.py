@@ -335,3 +335,35 @@ def test_all_linear_is_every_linear_but_the_lm_head(family):
     every = {n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
     chosen = set(find_linears(backbone, ["all-linear"], "peft.target_modules"))
     assert chosen == {n for n in every if n != "lm_head" and "pooler" not in n}
+
+
+@pytest.mark.parametrize("family", ["roberta", "t5"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_on_a_4bit_encoder_matches_the_dequantized_encoder(family, method):
+    """An NF4 encoder (UniXcoder- and CodeT5+-style) with every method: the pooled output and the
+    task head equal the same tuner on a dense copy holding the dequantized weights, and the tuner
+    gets gradients through the 4-bit layers."""
+    from mtpeft.quant import QuantLinear
+    from mtpeft.quant.linear import quantize_model
+    from mtpeft.quant.nf4 import dequantize_nf4
+
+    quant, dense = tiny_backbone(family), tiny_backbone(family)  # same seed: the same weights
+    quantize_model(quant)
+    assert sum(isinstance(m, QuantLinear) for m in quant.modules()) >= 8  # attention + feed-forward, 2 layers
+    with torch.no_grad():
+        for name, module in quant.named_modules():
+            if isinstance(module, QuantLinear):
+                dense.get_submodule(name).weight.copy_(dequantize_nf4(module.quant_weight(), torch.float32))
+    models = [assemble(b, _cfg(method)).eval() for b in (quant, dense)]
+    for m in models:
+        _perturbed(m)
+    ids, mask = _batch(quant.config.vocab_size)
+    outs = []
+    for m in models:
+        m.set_task("defect")
+        outs.append((m.pooled(ids, mask), m.classify("defect", ids, mask)))
+    (pq, cq), (pd, cd) = outs
+    assert (pq - pd).abs().max().item() <= 1e-4 and (cq - cd).abs().max().item() <= 1e-4
+    (cq.square().sum() + models[0].embed("search", ids, mask).sum()).backward()
+    tuner = [p for n, p in models[0].named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    assert tuner and all(p.grad is not None for p in tuner) and sum(p.grad.abs().sum() for p in tuner) > 0

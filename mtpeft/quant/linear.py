@@ -120,6 +120,13 @@ class QuantLinear(nn.Module):
         dtype, numel = self._layout[name]
         return storage_as(getattr(self, name), dtype, numel)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor of the compute dtype. There is no dense weight, but transformers reads
+        ``.weight.dtype`` of some projections to cast activations (T5's feed-forward ``wo``), as it
+        does on bitsandbytes' 4-bit layers; anything that needs the values calls ``quant_weight``."""
+        return torch.empty(0, dtype=self.weight_dtype, device=self.packed.device)
+
     def quant_parameters(self) -> Iterable[nn.Parameter]:
         """The parameters holding quantized bytes (not the bias)."""
         return [getattr(self, name) for name in self._layout]
