@@ -406,3 +406,14 @@ def test_dequantized_weight_is_never_saved_and_the_override_models_f_linear():
     assert not plain["settings"]["saves_dequantized_weight"] and keeps["settings"]["saves_dequantized_weight"]
     extra = keeps["activations_checkpointing_bytes"] - plain["activations_checkpointing_bytes"]
     assert extra == 2 * arch.block_linear_params
+
+
+@pytest.mark.parametrize("name,published", [("codegen-350m", 0.35e9), ("codegen-2b", 2.7e9), ("codegen-16b", 16.1e9)])
+def test_codegen_architectures_match_the_published_sizes(name, published):
+    """CodeGen (Nijkamp et al.: 350M, 2.7B, 16.1B parameters): GPT-style config keys (n_inner None =
+    4h, fused qkv) are read, and the counts match the paper's within 3 %."""
+    from mtpeft.profile.architecture import load_architecture
+
+    arch = load_architecture(name)
+    assert abs(arch.total_params - published) <= 0.03 * published, arch.total_params
+    assert arch.intermediate_size == 4 * arch.hidden_size and not arch.gated_mlp
