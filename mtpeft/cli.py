@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from mtpeft.command_parser import CommandParser
-from mtpeft.errors import UserError
+from mtpeft.errors import ConfigError, DataError, UserError
 from mtpeft.shipped_files import run_config
 from mtpeft.trainer.faults import RunAborted
 
@@ -139,13 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REPEAT_EXIT_DELAY_S = 3.0
+
+
+def _node_repeat(exc: UserError, args) -> bool:
+    """A config or dataset error on a node's local rank > 0: its local rank 0 read the same files and
+    prints the same line, so under the launcher the user sees it once per node, not once per rank."""
+    local = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return local > 0 and isinstance(exc, (ConfigError, DataError))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if _node_repeat(exc, args):
+            time.sleep(REPEAT_EXIT_DELAY_S)  # the launcher stops every rank once one exits: let local rank 0 print
+        else:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except RunAborted as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -143,3 +143,17 @@ def test_config_error_names_the_file(tmp_path, capsys):
     path = _config(tmp_path)
     line = _one_error(capsys, "train", str(path), "--set", "train.max_step=3")
     assert line.startswith(f"error: {path}: unknown config key train.max_step")
+
+
+def test_a_config_error_is_printed_once_per_node_under_the_launcher(tmp_path):
+    """``deepspeed --num_gpus 2 --module mtpeft train`` with a bad key: rank 0 prints the line, local
+    rank 1 (same files, same error) exits 2 quietly."""
+    from distributed import deepspeed_cmd
+
+    proc = subprocess.run(deepspeed_cmd(2, "--module", "mtpeft", "train", str(_config(tmp_path)), "--set",
+                                        "train.max_step=3"), capture_output=True, text=True, timeout=300, env=env(),
+                          cwd=str(REPO))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out
+    # the launcher's own log lines share the stream (and may run into ours): count the message itself
+    assert out.count("error: ") == 1 and out.count("unknown config key train.max_step") == 1, out[-3000:]
