@@ -16,7 +16,7 @@ from mtpeft.trainer.faults import RunAborted
 
 def _cmd_train(args) -> int:
     from mtpeft.config import load_config
-    from mtpeft.trainer.loop import train
+    from mtpeft.trainer.recipe import train
 
     train(load_config(args.config, args.set))
     return 0

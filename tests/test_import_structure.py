@@ -52,7 +52,26 @@ def _graph():
                 for alias in node.names:
                     if alias.name in modules and alias.name != name:
                         edges[name].add(alias.name)
+        private += _private_attributes(name, path, modules)
     return edges, private
+
+
+def _private_attributes(name: str, path: Path, modules: dict) -> list[str]:
+    """``module._name`` on a module bound by ``from mtpeft.x import module`` or ``import mtpeft.x as m``."""
+    tree = ast.parse(path.read_text())
+    bound = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mtpeft"):
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in modules:
+                    bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules and alias.asname:
+                    bound[alias.asname] = alias.name
+    return [f"{name} reads {bound[n.value.id]}.{n.attr}" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound
+            and n.attr.startswith("_") and not n.attr.startswith("__")]
 
 
 def _cycles(edges: dict) -> list[list[str]]:
@@ -109,3 +128,10 @@ def test_no_import_cycle_in_the_package():
 def test_no_private_name_imported_across_modules():
     _, private = _graph()
     assert private == []
+
+
+def test_private_attribute_check_finds_a_planted_one(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from mtpeft.trainer import loop\nimport mtpeft.config as c\nloop._x()\nc._y\nloop.public()\n")
+    found = _private_attributes("planted", planted, {"mtpeft.trainer.loop": None, "mtpeft.config": None})
+    assert sorted(found) == ["planted reads mtpeft.config._y", "planted reads mtpeft.trainer.loop._x"]

@@ -1,7 +1,7 @@
 """Acceptance of every PEFT method under a real 2-rank ZeRO-3 run on CPU.
 
 ONE ``deepspeed`` launch (tests/dist_scripts/train_methods.py) trains the demo tasks with each of
-the seven methods in turn through ``mtpeft.trainer.loop.train`` and exports each run; it also saves
+the seven methods in turn through ``mtpeft.trainer.recipe.train`` and exports each run; it also saves
 the trained ZeRO-3 model's outputs on a fixed probe batch. Here: the loss falls and the tuner moved;
 the export reloaded through mtpeft reproduces the ZeRO-3 model's outputs; and for lora, ia3, prompt
 and prefix ``PeftModel.from_pretrained`` reproduces them too.

@@ -7,7 +7,7 @@ learning rates and seed. So every task sees the same number of examples either w
 examples: a one-task run draws its own shuffle), and each run's learning-rate schedule spans its
 own steps. A task the sampler never picked gets no single-task run.
 
-Every run is the real ``mtpeft.trainer.loop.train`` (ZeRO-3 engine, evaluation, export), called in
+Every run is the real ``mtpeft.trainer.recipe.train`` (ZeRO-3 engine, evaluation, export), called in
 this process one after another. Costs: trainable parameters and bytes on disk read from each run's
 export (multitask: one shared module + all heads; single-task: the sum over the separate modules and
 their heads), training FLOPs from ``flops.step_flops`` on the real padded shapes of every step, and
@@ -67,7 +67,7 @@ def _numel(shape: List[int]) -> int:
 
 
 def _train(cfg) -> Dict[str, Any]:
-    from mtpeft.trainer.loop import train
+    from mtpeft.trainer.recipe import train
 
     start = time.perf_counter()
     run_dir = Path(train(cfg))

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from mtpeft.command_parser import CommandParser
 from mtpeft.errors import UserError
 from mtpeft.profile import measure, report
@@ -134,18 +132,22 @@ def _counted_first_step(engine, tasks, cfg, tok, ctx) -> int:
 
 
 def profile(cfg, steps: int, out: Path, peak_tflops: Optional[float] = None, comm: bool = True) -> Optional[dict]:
-    """Run ``steps`` training steps of ``cfg``, measure, and write ``out/report.{md,json}`` + plots
-    (rank 0). Returns the report dict on rank 0, None on other ranks."""
-    import deepspeed
-
-    from mtpeft.config import dump_config
+    """Run ``steps`` training steps of ``cfg`` through the training recipe, measure, and write
+    ``out/report.{md,json}`` + plots (rank 0). Returns the report dict on rank 0, None on other ranks."""
     from mtpeft.profile.planner import plan_model_states
-    from mtpeft.trainer import loop
-    from mtpeft.trainer.build import build_model, load_tokenizer
-    from mtpeft.trainer.ds_config import build_ds_config
-    from mtpeft.trainer.faults import Preemption
-    from mtpeft.trainer.multitask_state import MultitaskState
-    from mtpeft.trainer.run_log import RunLog
+    from mtpeft.trainer.recipe import Hooks, Recipe
+
+    class MemoryProbe(Hooks):
+        """Resident memory before the model and once the engine is ready; peak memory and the
+        communication counters start from there."""
+
+        def before_model(self, recipe) -> None:
+            self.rss_start = measure.rss_bytes()
+
+        def after_setup(self, recipe) -> None:
+            self.rss_ready = measure.rss_bytes()
+            self.peak_reset = measure.reset_peak_memory()
+            measure.comm_bytes(reset=True)
 
     out = Path(out)
     run_dir = out / "run"
@@ -156,35 +158,16 @@ def profile(cfg, steps: int, out: Path, peak_tflops: Optional[float] = None, com
     if comm:
         cfg.deepspeed.overrides = {**(cfg.deepspeed.overrides or {}),
                                    "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
-    tasks = loop.prepare_tasks(cfg)
-    ctx = loop.init_distributed(t.collective_timeout_s)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    if ctx.world > 1:
-        torch.distributed.barrier()
-    ds_config = build_ds_config(cfg, ctx.world)
-    tok = load_tokenizer(cfg.model.name_or_path)
-    rss_start = measure.rss_bytes()
-    model = build_model(cfg, ds_config)
-    optimizer, scheduler = loop._optimizer(model, cfg)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config, dist_init_required=False)
-    torch.manual_seed(t.seed * 1000 + ctx.rank + 7)
-    mt = MultitaskState(cfg, [x.name for x in tasks], [len(x.train_set) for x in tasks])
-    log = RunLog(run_dir, ctx.is_main)
-    rss_ready = measure.rss_bytes()
-    peak_reset = measure.reset_peak_memory()
-    measure.comm_bytes(reset=True)
-    preemption = Preemption()
+    probe = MemoryProbe()
+    recipe = Recipe(cfg, hooks=[probe], resume=False, partition_report=False).setup()
     try:
-        loop._loop(engine, optimizer, tasks, mt, tok, cfg, ctx, log, 0, preemption, run_dir)
+        recipe.run_steps()
     finally:
-        preemption.restore()
-        log.close()
+        recipe.close()
+    engine, tasks, tok, ctx = recipe.engine, recipe.tasks, recipe.tok, recipe.ctx
     memory = measure.peak_memory()
-    memory.update({"rss_start_bytes": rss_start, "rss_ready_bytes": rss_ready, "peak_reset": peak_reset})
+    memory.update({"rss_start_bytes": probe.rss_start, "rss_ready_bytes": probe.rss_ready,
+                   "peak_reset": probe.peak_reset})
     comm_total = measure.comm_bytes(reset=True)
     if comm:
         measure.disable_comm_logger()  # later engines in this process (compare, tests) run unlogged

@@ -1,8 +1,5 @@
-"""The training run: DeepSpeed ZeRO-3 engine, the multitask step loop, evaluation and export.
-
-Every global step trains one task (the schedule), with the same examples whatever the world size
-(the shard). The logged loss is the mean over the whole global batch, reduced over ranks.
-"""
+"""The pieces a run is made of, below the recipe (``trainer/recipe.py``): the tasks of a config, the
+process group, the optimizer and its per-head groups, a rank's micro-batch, the partition report."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ import json
 import logging
 import os
 import socket
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mtpeft.config import RunConfig, TaskConfig, dump_config
+from mtpeft.config import RunConfig, TaskConfig
 from mtpeft.data.dist import DistContext
-from mtpeft.launch.nvme import fill_nvme_paths
 from mtpeft.data.shard import TaskStream, micro_batch_indices, micro_batch_positions
 from mtpeft.tasks.kinds import make_kind
 from mtpeft.tasks.task_kind import TaskKind
 from mtpeft.tasks.loading import load_split
-from mtpeft.trainer import checkpoint
-from mtpeft.trainer.build import build_model, load_tokenizer, trainable_parameters
-from mtpeft.trainer.ds_config import build_ds_config
-from mtpeft.trainer.evaluate import evaluate, format_table, write_metrics
-from mtpeft.trainer.export import export
-from mtpeft.trainer.multitask_state import MultitaskState
-from mtpeft.trainer.faults import NonFiniteGuard, Preemption, StepVote, collective_failure
-from mtpeft.trainer.resume_guard import check_same_run
-from mtpeft.trainer.run_log import RunLog
+from mtpeft.trainer.build import trainable_parameters
 
 
 @dataclass
@@ -92,8 +79,8 @@ def _lr_lambda(cfg: RunConfig):
     return factor
 
 
-def _optimizer(model, cfg: RunConfig):
-    """AdamW with one group for the shared module and one per task head (see ``_freeze_inactive_heads``)."""
+def build_optimizer(model, cfg: RunConfig):
+    """AdamW with one group for the shared module and one per task head (see ``freeze_inactive_heads``)."""
     head_lr = cfg.train.head_lr or cfg.train.lr
     trainable = trainable_parameters(model)
     groups = [{"params": [p for n, p in trainable if not n.startswith("heads.")], "lr": cfg.train.lr}]
@@ -105,7 +92,7 @@ def _optimizer(model, cfg: RunConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
 
 
-def _freeze_inactive_heads(engine, optimizer, active: str) -> None:
+def freeze_inactive_heads(engine, optimizer, active: str) -> None:
     """Other tasks' heads must not move at this step.
 
     ZeRO-3 keeps a parameter's last reduced gradient until that parameter is used again, so without
@@ -138,18 +125,6 @@ def write_partition_report(model, ctx: DistContext, path: Path) -> None:
         path.write_text(json.dumps({"world_size": ctx.world, "ranks": ranks}, indent=2))
 
 
-def _resume(engine, ckpt_dir: Path, ctx: DistContext, mt: MultitaskState, run_dir: Path) -> int:
-    """Continue from ``checkpoints/latest`` if there is one; returns the first step to run."""
-    state = checkpoint.load(engine, ckpt_dir, ctx)
-    if state is None:
-        return 0
-    mt.load_state_dict(state["multitask"])
-    if ctx.is_main:
-        truncate_log(run_dir / "log.jsonl", state["step"])
-        print(f"resumed from {ckpt_dir / ('step%d' % state['step'])}", flush=True)
-    return state["step"]
-
-
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines of steps a killed run ran past its last checkpoint (they will run again)."""
     if not path.is_file():
@@ -173,114 +148,8 @@ def micro_batch(task: TaskRuntime, slot, micro: int, ctx: DistContext, tok, t) -
     return batch
 
 
-def train(cfg: RunConfig) -> Path:
-    import deepspeed
-
-    run_dir = Path(cfg.output.dir)
-    check_same_run(cfg, run_dir)  # before config.yaml is rewritten; every rank reads the same files
-    tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
-    ctx = init_distributed(cfg.train.collective_timeout_s)
-    ckpt_dir = run_dir / "checkpoints"
-    if ctx.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    ds_config = fill_nvme_paths(build_ds_config(cfg, ctx.world), cfg.deepspeed.config)  # node-local disk
-    tok = load_tokenizer(cfg.model.name_or_path)
-    model = build_model(cfg, ds_config)
-    optimizer, scheduler = _optimizer(model, cfg)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config, dist_init_required=False)
-    write_partition_report(engine.module, ctx, run_dir / "partition.json")
-    torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 7)  # dropout differs per rank, init did not
-    mt = MultitaskState(cfg, [t.name for t in tasks], [len(t.train_set) for t in tasks])
-    first_step = _resume(engine, ckpt_dir, ctx, mt, run_dir)
-    log = RunLog(run_dir, ctx.is_main, purge_step=first_step + 1 if first_step else None)
-    preemption = Preemption()
-    try:
-        _loop(engine, optimizer, tasks, mt, tok, cfg, ctx, log, first_step, preemption, run_dir)
-        if preemption.requested:
-            return run_dir
-        t = cfg.train
-        metrics = evaluate(engine.module, tasks, tok, ctx, t.max_seq_len, max(t.micro_batch_size, 16))
-        log.metrics(metrics, t.max_steps)
-        export(engine.module, cfg, run_dir / "export", ctx)
-        if ctx.is_main:
-            write_metrics(metrics, run_dir)
-            print(format_table(metrics), flush=True)
-            print(f"run directory: {run_dir}", flush=True)
-    finally:
-        preemption.restore()
-        log.close()
-    return run_dir
-
-
-def _loop(engine, optimizer, tasks, mt: MultitaskState, tok, cfg: RunConfig, ctx: DistContext, log: RunLog,
-          first_step: int, preemption: Preemption, run_dir: Path) -> None:
-    from tqdm import tqdm
-
-    t = cfg.train
-    vote, guard = StepVote(ctx), NonFiniteGuard(t.max_bad_steps)
-    eval_batch = max(t.micro_batch_size, 16)
-    bar = tqdm(range(first_step, t.max_steps), desc="train", disable=not ctx.is_main, dynamic_ncols=True,
-               initial=first_step, total=t.max_steps)
-    for step in bar:
-        slot = mt.schedule.slot(step)
-        task = tasks[slot.task]
-        lr = optimizer.param_groups[0]["lr"]
-        start, loss_sum, tokens, bad, stop = time.perf_counter(), 0.0, 0, False, False
-        try:
-            for micro in range(t.grad_accum):
-                batch = micro_batch(task, slot, micro, ctx, tok, t)
-                loss = engine(task.kind, task.name, batch, ctx)
-                bad_micro, stop = vote(NonFiniteGuard.is_bad(loss), preemption.requested)
-                tokens += task.kind.token_count(batch)
-                if bad_micro:  # every rank skips together: no rank waits in a collective alone
-                    bad = True
-                    continue
-                engine.backward(mt.weighting.weight(slot.task, loss, step))
-                if micro == t.grad_accum - 1:
-                    _freeze_inactive_heads(engine, optimizer, task.name)
-                    if mt.probing(step):
-                        mt.record_gradients(slot.task, engine.module)
-                engine.step()
-                loss_sum += float(loss.detach())
-            loss_global = ctx.mean(loss_sum / t.grad_accum) if not bad else float("nan")
-            tokens_global = int(ctx.sum(tokens))
-        except (RuntimeError, dist.DistError) as exc:
-            if ctx.world > 1 and _is_collective_error(exc):
-                raise collective_failure(step + 1, exc, t.collective_timeout_s) from None
-            raise
-        if bad:
-            guard.skipped()
-        else:
-            guard.ok()
-            norm = engine.get_global_grad_norm()
-            if norm is not None:
-                mt.weighting.observe_grad_norm(slot.task, float(norm))
-            mt.weighting.observe(slot.task, loss_global, step)
-        record = {"step": step + 1, "task": task.name, "loss": loss_global, "lr": lr, "tokens": tokens_global,
-                  "seconds": time.perf_counter() - start, "weights": mt.weights()}
-        if bad:
-            record.update({"skipped": True, "skipped_total": guard.total})
-        log.step(record)
-        guard.check(step + 1, task.name)
-        bar.set_postfix(task=task.name, loss=f"{loss_global:.3f}")
-        if mt.transfer_every and (step + 1) % mt.transfer_every == 0:
-            mt.finish_probe(step + 1, ctx, run_dir)
-        if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
-            log.metrics(evaluate(engine.module, tasks, tok, ctx, t.max_seq_len, eval_batch), step + 1)
-        if stop or (t.save_every and (step + 1) % t.save_every == 0):
-            tag = checkpoint.save(engine, run_dir / "checkpoints", step + 1, {"multitask": mt.state_dict()}, ctx,
-                                  t.keep_checkpoints)
-            if stop:
-                preemption.requested = True
-                if ctx.is_main:
-                    print(f"SIGTERM: saved {run_dir / 'checkpoints' / tag}; rerun the same command to resume", flush=True)
-                break
-    bar.close()
-
-
-def _is_collective_error(exc: BaseException) -> bool:
+def is_collective_error(exc: BaseException) -> bool:
+    """A failure of a collective (a peer died or hung), told apart from a bug by type or message."""
     text = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(
         w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "socket"))

@@ -31,7 +31,7 @@ def main(config: str, out_dir: str) -> None:
     ds_config = build_ds_config(cfg, ctx.world)
     model = build_model(cfg, ds_config)
     planned = plan_model_states(meta_copy(model), ctx.world)
-    optimizer, scheduler = loop._optimizer(model, cfg)
+    optimizer, scheduler = loop.build_optimizer(model, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                       dist_init_required=False)
     tok = load_tokenizer(cfg.model.name_or_path)

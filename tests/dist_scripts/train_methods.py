@@ -1,8 +1,8 @@
 """Run under ``deepspeed --num_gpus 2`` on CPU: train every PEFT method in turn, in one launch.
 
-argv: CONFIG OUT_DIR METHOD... Each method is a full ``mtpeft.trainer.loop.train`` run of the demo
+argv: CONFIG OUT_DIR METHOD... Each method is a full ``mtpeft.trainer.recipe.train`` run of the demo
 tasks (ZeRO-3 engine, schedule, evaluation, export) into OUT_DIR/<method>; the process group is
-reused between runs. ``build_model`` is wrapped only to take measurements on the model it built,
+reused between runs. A recipe hook (``after_model``) takes measurements on the model the run built,
 with every parameter gathered: each task's loss on a fixed probe batch of its training data and the
 tuner's tensors, before training; the same after training. Rank 0 writes OUT_DIR/<method>.json, and
 the trained model's outputs on ``probe_batch()`` to OUT_DIR/<method>.pt for the export check.
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-import mtpeft.trainer.loop as loop
+from mtpeft.trainer.build import load_tokenizer
+from mtpeft.trainer.loop import prepare_tasks
+from mtpeft.trainer.recipe import Hooks, train
 from mtpeft.config import load_config
 from mtpeft.data.dist import DistContext
 from mtpeft.tuners.gather import gathered
@@ -35,7 +37,7 @@ def probe_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _measure(model, cfg) -> dict:
     """Per-task probe losses (the same rows before and after training) and the tuner's tensors."""
-    tok = loop.load_tokenizer(cfg.model.name_or_path)
+    tok = load_tokenizer(cfg.model.name_or_path)
     params = model.tuner.named_tensors(model)
     with gathered(list(params.values())):  # before any forward: ZeRO-3's hooks re-partition after one
         tensors = {k: p.detach().clone() for k, p in params.items()}
@@ -43,7 +45,7 @@ def _measure(model, cfg) -> dict:
     with gathered(list(model.parameters())), torch.no_grad():
         was_training = model.training
         model.eval()
-        for t in loop.prepare_tasks(cfg):
+        for t in prepare_tasks(cfg):
             rows = [t.train_set[i] for i in range(PROBE_ROWS)]
             batch = t.kind.collate([t.kind.encode(r, tok, cfg.train.max_seq_len) for r in rows], tok.pad_token_id)
             losses[t.name] = float(t.kind.loss(model, t.name, batch, DistContext(0, 1)))
@@ -51,14 +53,9 @@ def _measure(model, cfg) -> dict:
     return {"losses": losses, "tensors": tensors}
 
 
-def _recording_build(cfg, ds_config=None):
-    model = _real_build(cfg, ds_config)
-    _built.update(model=model, cfg=cfg, before=_measure(model, cfg))
-    return model
-
-
-_real_build = loop.build_model
-loop.build_model = _recording_build
+class MeasureBeforeTraining(Hooks):
+    def after_model(self, recipe) -> None:
+        _built.update(model=recipe.model, cfg=recipe.cfg, before=_measure(recipe.model, recipe.cfg))
 
 
 def main() -> None:
@@ -70,7 +67,7 @@ def main() -> None:
                                    "peft.bottleneck=16", "peft.r=8",
                                    *[f"tasks.{i}.max_eval_examples=4" for i in range(4)]])
         start = time.perf_counter()
-        run_dir = loop.train(cfg)
+        run_dir = train(cfg, hooks=[MeasureBeforeTraining()])
         seconds = time.perf_counter() - start
         model, before = _built["model"], _built["before"]
         after = _measure(model, cfg)

@@ -10,7 +10,7 @@ from focal_kind import FocalClassify  # noqa: E402
 
 from mtpeft.config import load_config  # noqa: E402
 from mtpeft.tasks.kinds import KINDS  # noqa: E402
-from mtpeft.trainer.loop import train  # noqa: E402
+from mtpeft.trainer.recipe import train  # noqa: E402
 
 KINDS[FocalClassify.name] = FocalClassify  # the one registry line
 
