@@ -62,6 +62,7 @@ class TaskConfig:
     max_eval_examples: int = 0
     head_dropout: float = 0.1
     max_new_tokens: int = 32
+    metric: str = ""  # the headline metric, among the kind's (classify: accuracy | f1); "" = the kind's default
     num_beams: int = 1  # generation eval: 1 greedy, k > 1 beam search with EM@k (the code-generation study: 10)
 
 
@@ -297,6 +298,9 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
             hint = f"; did you mean {near[0]}?" if near else ""
             raise ConfigError(f"{where}.format: unknown dataset format {task.format!r} "
                               f"(one of {', '.join(sorted(FORMATS))}){hint}")
+        allowed = KINDS[task.kind].headline_metrics()
+        if task.metric and task.metric not in allowed:
+            raise ConfigError(f"{where}.metric: kind {task.kind} reports {', '.join(allowed)}, got {task.metric!r}")
         if FORMATS[task.format].kind != KINDS[task.kind].example_kind():
             raise ConfigError(f"{where}: format {task.format} gives {FORMATS[task.format].kind} examples, "
                               f"but kind is {task.kind}; set kind: {FORMATS[task.format].kind}")

@@ -234,6 +234,7 @@ def test_analysis_config_is_the_code_analysis_study():
         ("clone", "pair_classify", "bigclonebench_codexglue"), ("defect", "classify", "devign"),
         ("flaky", "classify", "flaky"), ("search", "retrieve", "advtest")]
     assert (cfg.train.max_seq_len, cfg.train.lr, cfg.train.retrieval_temperature) == (512, 2e-4, 0.05)
+    assert [t.metric for t in cfg.tasks] == ["f1", "", "f1", ""]  # the study's F1 for clone and flaky tests
     for t in cfg.tasks:
         assert len(load_split(t.train, t.format)) > 0
 

@@ -205,3 +205,30 @@ def test_pass_at_k_hand_and_exact_binomials():
         assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 5)
+
+
+def test_classification_headline_is_chosen_and_both_are_reported():
+    from mtpeft.tasks.classification import Classify
+
+    examples = [{"label": y} for y in (1, 1, 0, 0, 0)]
+    preds = [1, 0, 0, 0, 1]  # tp=1, fp=1, fn=1, tn=2
+    acc = Classify().score(preds, examples)
+    f1 = Classify(metric="f1").score(preds, examples)
+    assert acc["metric"] == "accuracy" and acc["value"] == pytest.approx(3 / 5) and acc["chance"] == pytest.approx(3 / 5)
+    assert f1["metric"] == "f1" and f1["value"] == pytest.approx(0.5)
+    assert f1["chance"] == pytest.approx(2 * 0.4 / 1.4)  # always "yes": precision 0.4, recall 1
+    assert f1_binary([1] * 5, [e["label"] for e in examples]) == pytest.approx(f1["chance"])
+    assert acc["f1"] == f1["value"] and f1["accuracy"] == acc["value"]
+
+
+def test_task_metric_is_validated_against_the_kind(tmp_path):
+    from distributed import tiny_config
+    from mtpeft.config import load_config
+    from mtpeft.errors import ConfigError
+
+    cfg = load_config(tiny_config(tmp_path), ["tasks.clone.metric=f1"])
+    assert [t.metric for t in cfg.tasks if t.name == "clone"] == ["f1"]
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.metric: kind classify reports accuracy, f1, got 'mrr'"):
+        load_config(tiny_config(tmp_path), ["tasks.defect.metric=mrr"])
+    with pytest.raises(ConfigError, match="kind generate reports exact_match"):
+        load_config(tiny_config(tmp_path), ["tasks.codegen.metric=f1"])

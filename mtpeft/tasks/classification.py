@@ -33,6 +33,14 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 class Classify(TaskKind):
     name = "classify"
     metric = "accuracy"
+    metrics = ("accuracy", "f1")  # the analysis study: F1 for clone and flaky tests, accuracy for defects
+
+    def __init__(self, metric: str = "accuracy"):
+        self.metric = metric
+
+    @classmethod
+    def from_config(cls, task, train) -> "Classify":
+        return cls(metric=task.metric or cls.metric)
 
     @classmethod
     def make_head(cls, hidden: int, dropout: float) -> ClassificationHead:
@@ -57,10 +65,18 @@ class Classify(TaskKind):
         return (logits.float() > 0).long().tolist()
 
     def score(self, preds: list, examples: list[dict]) -> dict:
+        """Accuracy and F1 of the positive class, each beside what a constant answer scores (the
+        majority class for accuracy; always "yes" for F1, 2p / (1 + p) at positive rate p); the
+        task's ``metric`` is the headline."""
         labels = [int(e["label"]) for e in examples]
         majority = Counter(labels).most_common(1)[0][1] / len(labels)
-        return {"metric": self.metric, "value": accuracy(preds, labels), "chance": majority,
-                "f1": f1_binary(preds, labels)}
+        positive_rate = sum(1 for y in labels if y == 1) / len(labels)
+        both = {"accuracy": (accuracy(preds, labels), majority),
+                "f1": (f1_binary(preds, labels), 2 * positive_rate / (1 + positive_rate))}
+        value, chance = both[self.metric]
+        return {"metric": self.metric, "value": value, "chance": chance,
+                "accuracy": both["accuracy"][0], "chance_accuracy": majority,
+                "f1": both["f1"][0], "chance_f1": both["f1"][1]}
 
 
 class PairClassify(Classify):

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 class TaskKind:
     name = ""              # ``tasks[i].kind`` in a RunConfig, and the registry key
-    metric = ""            # the headline number in metrics.json
+    metric = ""            # the headline number in metrics.json (the default of tasks[i].metric)
+    metrics: tuple = ()    # what tasks[i].metric may choose; () = only ``metric``
     uses_lm_head = False   # trains and predicts through the backbone's LM head: needs a decoder
     examples_like = ""     # another kind whose dataset formats this one reads ("" = its own)
     pass_masks = ("attention_mask",)  # the batch's mask of each backbone pass the loss makes
@@ -30,6 +31,10 @@ class TaskKind:
     @classmethod
     def from_config(cls, task: TaskConfig, train: TrainConfig) -> TaskKind:
         return cls()
+
+    @classmethod
+    def headline_metrics(cls) -> tuple:
+        return cls.metrics or (cls.metric,)
 
     @classmethod
     def make_head(cls, hidden: int, dropout: float) -> Optional[nn.Module]:
