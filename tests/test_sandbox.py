@@ -187,7 +187,8 @@ def test_evaluation_carries_on_past_failing_samples():
     # pass@1 = c/n; pass@5 with n=5, c=2 is 1 - C(3,5)/C(5,5) = 1; k=10 > n is not reported
     assert s.pass_at == pytest.approx({1: 0.4, 5: 1.0})
     assert a.pass_at == pytest.approx({1: 0.5})
-    assert out["pass@k"] == pytest.approx({1: 0.45, 5: 1.0})
+    # HumanEval's rule: a k is reported only if every problem has n >= k ("add" has 2 samples)
+    assert out["pass@k"] == pytest.approx({1: 0.45})
     assert outputs_match("1  2\n\n3 \n", "1 2\n3") and not outputs_match("1 2", "12")
 
 

@@ -118,7 +118,9 @@ def evaluate_problems(
 ) -> dict:
     """Per-problem n, c and pass@k (for k ≤ n), and their means over the problems.
 
-    Returns ``{"problems": [ProblemResult, ...], "pass@k": {k: mean over problems with n ≥ k}}``.
+    Returns ``{"problems": [ProblemResult, ...], "pass@k": {k: mean over the problems}}``, where a k
+    is reported only if every problem has at least k samples (HumanEval's rule: a mean over the
+    problems with n ≥ k alone would compare different problem sets across k).
     A sample stops at its first failing test; ``max_tests`` caps the tests run per problem.
     """
     if len(problems) != len(samples_per_problem):
@@ -146,7 +148,6 @@ def evaluate_problems(
         )
     summary = {}
     for k in ks:
-        values = [r.pass_at[k] for r in per_problem if k in r.pass_at]
-        if values:
-            summary[k] = sum(values) / len(values)
+        if per_problem and all(k in r.pass_at for r in per_problem):
+            summary[k] = sum(r.pass_at[k] for r in per_problem) / len(per_problem)
     return {"problems": per_problem, "pass@k": summary}
