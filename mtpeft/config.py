@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from mtpeft.errors import ConfigError
+from mtpeft.output_folder import check_output_folder
 from mtpeft.shipped_files import run_config, run_config_names
 
 
@@ -332,18 +332,7 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
     out = Path(cfg.output.dir)
     if not out.is_absolute():
         cfg.output.dir = str((Path.cwd() / out).resolve())
-    _check_output_dir(Path(cfg.output.dir), source)
-
-
-def _check_output_dir(out: Path, source: str) -> None:
-    """The run folder must be a folder mtpeft can create or write (checked before any training)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{source}: output.dir {out} is an existing file; name a folder for the run")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{source}: output.dir {out} lies under {existing}, which is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{source}: output.dir {out}: {existing} is not writable; choose another output.dir")
+    check_output_folder(Path(cfg.output.dir), f"{source}: output.dir")
 
 
 def _validate_peft(p: PeftConfig, source: str) -> None:

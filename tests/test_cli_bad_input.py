@@ -3,6 +3,7 @@ one ``error:`` line naming the key or file, exit status 2, no traceback, and lea
 already on disk as it was. In-process through ``mtpeft.cli.main`` where that is enough; through a
 real process where the launcher or a second module is involved."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,28 @@ def test_a_config_error_is_printed_once_per_node_under_the_launcher(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in out
     # the launcher's own log lines share the stream (and may run into ours): count the message itself
     assert out.count("error: ") == 1 and out.count("unknown config key train.max_step") == 1, out[-3000:]
+
+
+@pytest.mark.parametrize("command", [["profile"], ["compare"]])
+def test_report_folder_that_is_a_file(tmp_path, capsys, command):
+    taken = tmp_path / "report"
+    taken.write_text("mine")
+    line = _one_error(capsys, *command, str(_config(tmp_path)), "--out", str(taken))
+    assert "--out" in line and "is an existing file" in line and taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize("suffix,line", [(".jsonl", 3), (".jsonl", 600), (".json", 2)])
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys, suffix, line):
+    rows = [{"func": f"int f{i}() {{ return {i}; }}", "target": i % 2} for i in range(700)]
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        lines = text.split(b"\n")
+        lines[line - 1] = lines[line - 1].replace(b"return", b"r\xe9turn")  # a Latin-1 e-acute
+        data = b"\n".join(lines)
+    else:
+        data = ("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n").encode().replace(b"f0()", b"f\xe90()")
+    bad = tmp_path / f"devign{suffix}"
+    bad.write_bytes(data)
+    cfg = _config(tmp_path)
+    msg = _one_error(capsys, "train", str(cfg), "--set", f"tasks.defect.train={bad}")
+    assert f"{bad}:{line}: not UTF-8 text (byte 0xe9" in msg and "save the file as UTF-8" in msg

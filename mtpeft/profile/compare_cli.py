@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtpeft.config import load_config
+    from mtpeft.output_folder import check_output_folder
     from mtpeft.profile.compare import run_compare
 
     if args.steps < 0:
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if len(cfg.tasks) < 2:
         raise UserError(f"{args.config}: compare needs at least two tasks, the config has {len(cfg.tasks)}")
     out = Path(args.out).resolve()
+    check_output_folder(out, "--out")
     result = run_compare(cfg, out, steps=args.steps or None)
     print(result["table"], flush=True)
     print(f"compare report: {out / 'report.md'}", flush=True)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from mtpeft.command_parser import CommandParser
 from mtpeft.errors import UserError
+from mtpeft.output_folder import check_output_folder
 from mtpeft.profile import measure, report
 from mtpeft.profile.run_flops import step_flops_of_run
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks < 1:
         raise UserError(f"--ranks {args.ranks}: must be at least 1")
     out = Path(args.out).resolve()
+    check_output_folder(out, "--out")
     cfg = load_config(args.config, list(args.set))
     if args.savings:
         from mtpeft.profile.savings import run_savings

@@ -238,25 +238,35 @@ def normalise_record(fmt: RecordFormat, row, where: str) -> dict:
         raise DataError(f"{where}: {msg} (format {fmt.name})") from None
 
 
+def utf8_lines(path: str):
+    """Yield ``(line number, text)`` of a UTF-8 file, naming the line of a byte that is not UTF-8
+    (a Latin-1 export, a binary file) instead of failing somewhere in a reader's buffer."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
+
+
 def iter_json_records(path: str):
     """Yield ``(where, record)`` from a .jsonl or .json file; ``where`` names the line (or list index)."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                    "each line must be one JSON object") from None
+        for lineno, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                                "each line must be one JSON object") from None
         return
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); "
-                            "expected a list of records") from None
+    text = "".join(line for _, line in utf8_lines(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); expected a list of records") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     for i, row in enumerate(data):

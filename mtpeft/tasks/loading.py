@@ -23,7 +23,7 @@ import datasets
 
 from mtpeft.errors import DataError
 from mtpeft.tasks import formats
-from mtpeft.tasks.formats import FORMATS, RecordFormat, iter_json_records, normalise_record
+from mtpeft.tasks.formats import FORMATS, RecordFormat, iter_json_records, normalise_record, utf8_lines
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -143,19 +143,18 @@ def _codexglue_pairs(pairs_path: str, functions_path: str):
         if not isinstance(row["func"], str):
             raise DataError(f"{where}: field 'func' must be a string, got {type(row['func']).__name__}")
         functions[str(idx).strip()] = row["func"]
-    with open(pairs_path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{pairs_path}:{lineno}"
-            parts = line.split()
-            if len(parts) != 3:
-                raise DataError(f"{where}: expected 'idx1<TAB>idx2<TAB>label', got {len(parts)} fields")
-            for idx in parts[:2]:
-                if idx not in functions:
-                    raise DataError(f"{where}: idx {idx!r} is not in {functions_path}; "
-                                    "use the data.jsonl that ships with this pair list")
-            yield where, {"func1": functions[parts[0]], "func2": functions[parts[1]], "label": parts[2]}
+    for lineno, line in utf8_lines(pairs_path):
+        if not line.strip():
+            continue
+        where = f"{pairs_path}:{lineno}"
+        parts = line.split()
+        if len(parts) != 3:
+            raise DataError(f"{where}: expected 'idx1<TAB>idx2<TAB>label', got {len(parts)} fields")
+        for idx in parts[:2]:
+            if idx not in functions:
+                raise DataError(f"{where}: idx {idx!r} is not in {functions_path}; "
+                                "use the data.jsonl that ships with this pair list")
+        yield where, {"func1": functions[parts[0]], "func2": functions[parts[1]], "label": parts[2]}
 
 
 def add_positive_partners(ds: datasets.Dataset) -> datasets.Dataset:
