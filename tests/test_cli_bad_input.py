@@ -146,6 +146,7 @@ def test_config_error_names_the_file(tmp_path, capsys):
     assert line.startswith(f"error: {path}: unknown config key train.max_step")
 
 
+@pytest.mark.distributed
 def test_a_config_error_is_printed_once_per_node_under_the_launcher(tmp_path):
     """``deepspeed --num_gpus 2 --module mtpeft train`` with a bad key: rank 0 prints the line, local
     rank 1 (same files, same error) exits 2 quietly."""
