@@ -5,12 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
+from distributed import REPO
 from mtpeft.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "mtpeft/assets/demo/tasks"
 
 

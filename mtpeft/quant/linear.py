@@ -8,7 +8,7 @@ trick). DeepSpeed then shards, gathers and moves them like any frozen bf16 tenso
 
 ZeRO-3 keeps tensors below ``stage3_param_persistence_threshold`` (default 1e5 elements) whole on
 every rank: the 256-entry absmax code tables, offsets and small layers' constants among them. Set
-it low to shard everything (tests/test_quant_zero3.py uses 0).
+it low to shard everything (tests/quant/test_quant_zero3.py uses 0).
 """
 
 from __future__ import annotations

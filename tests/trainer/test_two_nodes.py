@@ -1,7 +1,7 @@
 """Two "nodes" on localhost, one rank each, started by launch/per_node_no_ssh.sh (deepspeed --no_ssh).
 
 Contract 2 across nodes: their per-step losses equal a single process with twice the micro-batch
-(tests/test_zero3_training.py shows the single process equals one node with two ranks, so all three
+(tests/trainer/test_zero3_training.py shows the single process equals one node with two ranks, so all three
 agree). The hostfile names the two nodes differently (``localhost`` / ``127.0.0.1``) because the
 launcher keys its world layout by host name; both resolve to this machine.
 """

@@ -1,7 +1,7 @@
 """Hostfile validation and the launch scripts, run for real with stub ``deepspeed`` / ``srun`` / ``scontrol``.
 
 The stubs print the argument vector they receive, so these tests check the exact command each
-script would start (no GPU, no cluster needed); the real two-node launch is tests/test_two_nodes.py.
+script would start (no GPU, no cluster needed); the real two-node launch is tests/trainer/test_two_nodes.py.
 """
 
 import os

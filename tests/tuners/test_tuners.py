@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixtures.tiny_backbones import tiny_backbone
+from tiny_backbones import tiny_backbone
 from mtpeft.config import PeftConfig, RunConfig, TaskConfig
 from mtpeft.errors import ConfigError
 from mtpeft.tasks.heads import mean_pool

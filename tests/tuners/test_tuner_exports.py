@@ -12,26 +12,15 @@ import json
 import pytest
 import torch
 
-from distributed import REPO, tiny_config
+from builders import DEMO_BASE, trained_like
+from distributed import tiny_config
 from mtpeft.config import load_config
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError
 from mtpeft.trainer.build import build_model
 from mtpeft.trainer.export import export, load_export
 
-BASE = REPO / "mtpeft/assets/demo/base_model"
-
-
-def _trained_like(tmp_path, method: str, *overrides: str):
-    cfg = load_config(tiny_config(tmp_path), [f"peft.method={method}", "peft.num_virtual_tokens=6",
-                                              "peft.bottleneck=8", "peft.r=4", *overrides])
-    model = build_model(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return cfg, model
+BASE = DEMO_BASE
 
 
 def _ids(vocab: int, rows: int = 2, width: int = 17):
@@ -45,7 +34,7 @@ def test_hf_peft_loads_export_and_reproduces(tmp_path, method, extra):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg, model = _trained_like(tmp_path, method, *extra)
+    cfg, model = trained_like(tmp_path, method, *extra)
     out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
     peft_type = json.loads((out / "adapter_config.json").read_text())["peft_type"]
     assert peft_type == {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[method]
@@ -64,7 +53,7 @@ def test_hf_peft_loads_export_and_reproduces(tmp_path, method, extra):
 @pytest.mark.parametrize("method", ["serial_adapter", "parallel_adapter", "mtl_lora", "prefix_mlp"])
 def test_mtpeft_reloads_export_and_reproduces(tmp_path, method):
     extra = ("peft.prefix_projection=true", "peft.prefix_hidden=16") if method == "prefix_mlp" else ()
-    cfg, model = _trained_like(tmp_path, method.replace("prefix_mlp", "prefix"), *extra)
+    cfg, model = trained_like(tmp_path, method.replace("prefix_mlp", "prefix"), *extra)
     out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
     manifest = json.loads((out / "tasks.json").read_text())
     assert manifest["peft"]["method"] == method.replace("prefix_mlp", "prefix")
@@ -84,7 +73,7 @@ def test_mtpeft_reloads_export_and_reproduces(tmp_path, method):
 
 
 def test_export_of_another_method_is_refused(tmp_path):
-    cfg, model = _trained_like(tmp_path, "serial_adapter")
+    cfg, model = trained_like(tmp_path, "serial_adapter")
     out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
     other = build_model(load_config(tiny_config(tmp_path, "other.yaml"), ["peft.method=parallel_adapter"]))
     with pytest.raises(CheckpointError, match="peft.method serial_adapter"):
@@ -92,7 +81,7 @@ def test_export_of_another_method_is_refused(tmp_path):
 
 
 def test_mtl_lora_export_refuses_another_task_order(tmp_path):
-    cfg, model = _trained_like(tmp_path, "mtl_lora")
+    cfg, model = trained_like(tmp_path, "mtl_lora")
     out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
     swapped = load_config(tiny_config(tmp_path, "swapped.yaml"), ["peft.method=mtl_lora", "peft.r=4"])
     swapped.tasks = swapped.tasks[::-1]
@@ -125,7 +114,7 @@ def test_uncached_greedy_decoding_matches_hf_peft(tmp_path, method):
     from mtpeft.tasks.generation import Generate
     from mtpeft.trainer.build import load_tokenizer
 
-    cfg, model = _trained_like(tmp_path, method)
+    cfg, model = trained_like(tmp_path, method)
     out = export(model, cfg, tmp_path / "export", DistContext(0, 1))
     tok = load_tokenizer(str(BASE))
     prompts = [[1, 50, 60, 70, 80, 90], [1, 33, 44]]

@@ -4,17 +4,17 @@ demo base model, its numbers recomputed here from the returned predictions and t
 import argparse
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from distributed import REPO
 from mtpeft.config import load_config
 from mtpeft.errors import ConfigError
 from mtpeft.tasks import zero_shot as zs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DEMO_MODEL = str(ROOT / "mtpeft" / "assets" / "demo" / "base_model")
 N = 12
 

@@ -5,17 +5,16 @@ included; the generation score reports EM@k over the beams, hand-checked."""
 import pytest
 import torch
 
+from builders import DEMO_BASE, trained_like
 from mtpeft.tasks.beam_search import beam_search_uncached
 from mtpeft.tasks.generation import Generate
 
 
 def test_uncached_beam_search_equals_transformers_beam_search(tmp_path):
-    from test_tuner_exports import BASE, _trained_like
-
     from mtpeft.trainer.build import load_tokenizer
 
-    cfg, model = _trained_like(tmp_path, "lora")
-    tok = load_tokenizer(str(BASE))
+    cfg, model = trained_like(tmp_path, "lora")
+    tok = load_tokenizer(str(DEMO_BASE))
     prompts = [[1, 50, 60, 70, 80, 90], [1, 33, 44], [1, 200, 300, 400, 5, 6, 7]]
     theirs = Generate(max_new_tokens=8, num_beams=4).candidates(model, prompts, tok, synced=False, task="codegen")
     width = max(len(p) for p in prompts)
@@ -31,12 +30,10 @@ def test_uncached_beam_search_equals_transformers_beam_search(tmp_path):
 
 
 def test_prompt_tuning_decodes_beams_through_its_virtual_tokens(tmp_path):
-    from test_tuner_exports import BASE, _trained_like
-
     from mtpeft.trainer.build import load_tokenizer
 
-    _, model = _trained_like(tmp_path, "prompt")
-    tok = load_tokenizer(str(BASE))
+    _, model = trained_like(tmp_path, "prompt")
+    tok = load_tokenizer(str(DEMO_BASE))
     prompts = [[1, 50, 60, 70, 80, 90], [1, 33, 44]]
     greedy = Generate(max_new_tokens=8).candidates(model, prompts, tok, synced=False, task="codegen")
     beams = Generate(max_new_tokens=8, num_beams=3).candidates(model, prompts, tok, synced=False, task="codegen")

@@ -2,18 +2,18 @@
 normalised rows checked against hand-written values, and malformed inputs refused with file:line."""
 
 import json
-from pathlib import Path
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distributed import REPO
 from mtpeft.errors import DataError
 from mtpeft.tasks.formats import FORMATS
 from mtpeft.tasks.loading import load_split
 
-FIX = Path(__file__).parent / "fixtures" / "formats"
+FIX = REPO / "tests" / "fixtures" / "formats"
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +217,7 @@ def study_config(name: str):
 
     from mtpeft.config import from_dict
 
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    path = REPO / "configs" / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())
     for task in raw["tasks"]:
         # the real data lives next to the config (configs/data/...), as the header comment says

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from distributed import REPO
 from mtpeft.errors import UserError
 from mtpeft.profile import plan_cli
 from mtpeft.profile.architecture import count_architecture, load_architecture
@@ -247,9 +248,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 def _bench():
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "fit_34b.py"
+    path = REPO / "bench" / "fit_34b.py"
     spec = importlib.util.spec_from_file_location("fit_34b", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from distributed import REPO
 import pytest
 import torch
 
 pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
 
-SCRIPT = Path(__file__).parent / "dist_scripts" / "quant_zero3_forward.py"
+SCRIPT = REPO / "tests" / "dist_scripts" / "quant_zero3_forward.py"
 
 
 def _free_port() -> int:

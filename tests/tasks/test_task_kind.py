@@ -4,12 +4,12 @@ training batch), and a kind added as one file plus one registry line trains in a
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from builders import kinds_config
 from distributed import REPO, deepspeed_cmd, run, tiny_config
 from mtpeft.config import load_config
 from mtpeft.tasks.kinds import KINDS, make_kind
@@ -25,10 +25,8 @@ def _masks(batch: dict) -> list[torch.Tensor]:
 
 
 def test_every_kind_counts_tokens_and_passes_like_the_mask_rule(tmp_path):
-    from test_new_kinds import small_config  # the cluster (POJ-104) and program synthesis (APPS) fixtures
-
     seen = set()
-    for cfg in (load_config(tiny_config(tmp_path)), small_config()):
+    for cfg in (load_config(tiny_config(tmp_path)), kinds_config()):
         seen |= _check_kinds_of(cfg)
     assert seen == set(KINDS) - {"focal_classify"}
 

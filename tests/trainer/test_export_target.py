@@ -2,11 +2,11 @@
 export did not write, the run folder itself and an existing file are refused (one ``error:`` line,
 exit 2, nothing changed); a new folder, an empty one and a previous export are written."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from distributed import tiny_config
 from mtpeft.cli import main
 from mtpeft.config import load_config
 from mtpeft.data.dist import DistContext
@@ -14,8 +14,6 @@ from mtpeft.errors import UserError
 from mtpeft.trainer.build import build_model
 from mtpeft.trainer.export import EXPORT_FILES, export
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distributed import tiny_config  # noqa: E402
 
 
 def _snapshot(folder: Path) -> dict:
