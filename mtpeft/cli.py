@@ -18,7 +18,7 @@ def _cmd_train(args) -> int:
     from mtpeft.config import load_config
     from mtpeft.trainer.recipe import train
 
-    train(load_config(args.config, args.set))
+    train(load_config(args.config, args.set), leave_group=True)
     return 0
 
 

@@ -198,12 +198,15 @@ class Recipe:
         if self.log is not None:
             self.log.close()
 
-    def run(self) -> Path:
-        """The whole run, as ``mtpeft train`` does it: steps, final evaluation, export, metrics.json."""
+    def run(self, leave_group: bool = False) -> Path:
+        """The whole run, as ``mtpeft train`` does it: steps, final evaluation, export, metrics.json;
+        ``leave_group`` when the process ends with the run (``finish``)."""
         self.setup()
         try:
             self.run_steps()
-            if self.preemption.requested:
+            if self.preemption.requested:  # every rank stopped at the same step (StepVote)
+                if leave_group:
+                    self.finish()
                 return self.run_dir
             metrics = self.evaluate(self.cfg.train.max_steps)
             self.log.metrics(metrics, self.cfg.train.max_steps)
@@ -212,11 +215,22 @@ class Recipe:
                 write_metrics(metrics, self.run_dir)
                 print(format_table(metrics), flush=True)
                 print(f"run directory: {self.run_dir}", flush=True)
+            if leave_group:
+                self.finish()
         finally:
             self.close()
         return self.run_dir
 
+    def finish(self) -> None:
+        """Every rank waits for the others, then leaves the process group: a rank that exits while a
+        peer still holds gloo connections to it can abort in gloo's teardown ("terminate called
+        without an active exception") after the run's work is done."""
+        if self.ctx.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
-def train(cfg: RunConfig, hooks: Sequence[Hooks] = ()) -> Path:
-    """Train, evaluate and export one RunConfig (resuming from its run folder's checkpoint)."""
-    return Recipe(cfg, hooks).run()
+
+def train(cfg: RunConfig, hooks: Sequence[Hooks] = (), leave_group: bool = False) -> Path:
+    """Train, evaluate and export one RunConfig (resuming from its run folder's checkpoint);
+    ``leave_group`` when nothing runs in this process after it (the ``mtpeft train`` command)."""
+    return Recipe(cfg, hooks).run(leave_group=leave_group)

@@ -15,4 +15,4 @@ from mtpeft.trainer.recipe import train  # noqa: E402
 KINDS[FocalClassify.name] = FocalClassify  # the one registry line
 
 if __name__ == "__main__":
-    train(load_config(sys.argv[-1]))  # the launcher puts --local_rank=N first
+    train(load_config(sys.argv[-1]), leave_group=True)  # the launcher puts --local_rank=N first
