@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from builders import demo_config_file
 from distributed import REPO, env
 from mtpeft.cli import main
 
@@ -18,15 +18,7 @@ TASKS = REPO / "mtpeft/assets/demo/tasks"
 
 
 def _config(tmp_path: Path) -> Path:
-    raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    raw["model"]["name_or_path"] = str(REPO / "mtpeft/assets/demo/base_model")
-    for t in raw["tasks"]:
-        for split in ("train", "eval"):
-            t[split] = str((REPO / "configs" / t[split]).resolve())
-    raw["output"]["dir"] = str(tmp_path / "run")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return demo_config_file(tmp_path, output__dir=str(tmp_path / "run"))
 
 
 def _one_error(capsys, *argv) -> str:

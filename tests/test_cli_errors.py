@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from builders import demo_config_file
 from distributed import REPO
 from mtpeft.cli import main
 
@@ -14,20 +15,7 @@ TASKS = REPO / "mtpeft/assets/demo/tasks"
 
 
 def _config(tmp_path: Path, **changes) -> Path:
-    raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    raw["model"]["name_or_path"] = str(REPO / "mtpeft/assets/demo/base_model")
-    for t in raw["tasks"]:
-        for split in ("train", "eval"):
-            t[split] = str((REPO / "configs" / t[split]).resolve())
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[int(p)] if p.isdigit() else node[p]
-        node[leaf] = value
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return demo_config_file(tmp_path, **changes)
 
 
 def _run(capsys, *argv) -> str:

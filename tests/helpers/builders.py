@@ -1,6 +1,7 @@
 """Models and configs several test modules build the same way (imported like ``distributed``)."""
 
 import torch
+import yaml
 
 from distributed import REPO, tiny_config
 from mtpeft.config import from_dict, load_config
@@ -34,3 +35,22 @@ def kinds_config(**train):
                   {"name": "apps", "kind": "program_synthesis", "format": "apps", "max_new_tokens": 12,
                    "train": str(FORMAT_FIXTURES / "apps.jsonl"), "eval": str(FORMAT_FIXTURES / "apps.jsonl")}],
         "train": {"max_seq_len": KINDS_MAX_LEN, **train}})
+
+
+def demo_config_file(tmp_path, **changes):
+    """The demo config with absolute paths written to ``tmp_path/run.yaml``; ``changes`` set keys
+    by ``section__key`` (list positions by number: ``tasks__0__format``)."""
+    raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    raw["model"]["name_or_path"] = str(DEMO_BASE)
+    for t in raw["tasks"]:
+        for split in ("train", "eval"):
+            t[split] = str((REPO / "configs" / t[split]).resolve())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[leaf] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
