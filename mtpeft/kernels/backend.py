@@ -3,7 +3,15 @@
 ``MTPEFT_KERNELS`` picks it: ``auto`` (default) runs Triton on CUDA tensors and the reference on
 CPU; ``triton`` forces the kernels (on CPU only through Triton's interpreter, ``TRITON_INTERPRET=1``,
 which is how the tests check them without a GPU); ``torch`` forces the references everywhere, the
-escape hatch when a kernel misbehaves on some GPU.
+escape hatch when a kernel misbehaves on some GPU. ``fused`` and ``dequant`` force the kernels too,
+and pin the 4-bit linear layer to one of its two paths (:func:`nf4_path`).
+
+The 4-bit linear layer has two Triton paths, chosen by the number of rows M of its input: up to
+``MTPEFT_NF4_FUSED_MAX_M`` rows (default :data:`FUSED_MAX_M`) the fused kernel that decodes NF4
+inside the GEMM (bandwidth-bound decode and small batches: it reads 4-bit bytes only); above it,
+dequantization into a reused buffer and cuBLAS (compute-bound training batches: each weight tile
+is decoded once instead of once per row tile). The default is a static estimate (see
+docs/BENCHMARKS.md); ``bench/kernels.py`` measures the crossover on a GPU and prints it.
 
 Kernel outputs are allocated through :func:`empty_output` so tests can fill them with NaN
 (:func:`poisoned_outputs`): a kernel that forgets to write an element then fails loudly instead of
@@ -21,7 +29,9 @@ import torch
 from mtpeft.errors import ConfigError
 
 ENV_VAR = "MTPEFT_KERNELS"
-CHOICES = ("auto", "triton", "torch")
+CHOICES = ("auto", "triton", "torch", "fused", "dequant")
+CROSSOVER_ENV_VAR = "MTPEFT_NF4_FUSED_MAX_M"
+FUSED_MAX_M = 128  # static estimate, not a measurement: see docs/BENCHMARKS.md
 
 _poison = False
 
@@ -31,7 +41,8 @@ def kernel_mode() -> str:
     if mode not in CHOICES:
         raise ConfigError(
             f"environment variable {ENV_VAR}={os.environ.get(ENV_VAR)!r} is not one of "
-            f"{', '.join(CHOICES)}; set it to auto (Triton on CUDA, torch on CPU), triton or torch"
+            f"{', '.join(CHOICES)}; set it to auto (Triton on CUDA, torch on CPU), triton, torch, or fused / "
+            f"dequant (Triton, one path of the 4-bit layer)"
         )
     return mode
 
@@ -54,6 +65,28 @@ def use_triton(device: torch.device | str) -> bool:
             f"export TRITON_INTERPRET=1 before starting Python, or set {ENV_VAR}=auto"
         )
     return True
+
+
+def fused_max_m() -> int:
+    raw = os.environ.get(CROSSOVER_ENV_VAR, "").strip()
+    if not raw:
+        return FUSED_MAX_M
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"environment variable {CROSSOVER_ENV_VAR}={raw!r} is not a whole number >= 0; "
+                          f"unset it for the default ({FUSED_MAX_M}) or give the largest M for the fused kernel")
+    return value
+
+
+def nf4_path(m: int) -> str:
+    """``"fused"`` or ``"dequant"``: which Triton path the 4-bit linear layer takes for M rows."""
+    mode = kernel_mode()
+    if mode in ("fused", "dequant"):
+        return mode
+    return "fused" if m <= fused_max_m() else "dequant"
 
 
 def empty_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,10 +1,23 @@
 """NF4 dequantization as a Triton kernel (with and without double quantization), and its dispatch.
 
-No autograd.Function: the NF4 base is frozen, so nothing flows back into it, and ``F.linear`` on
-the dequantized weight already gives the input and bias gradients. The kernel does the same fp32
-operations in the same order as bitsandbytes (``code[q] * scale``, then ``+ offset``, then
-``nf4[nibble] * absmax``, one rounding to the output dtype) and is compiled without FMA
-contraction, so its output matches bitsandbytes' dequantization bit for bit.
+The large-M path of the 4-bit linear layer (``nf4_lora_linear_dequant``) runs this once per layer
+call into a reused buffer and hands the bf16 weight to cuBLAS, so the kernel is built to stream at
+memory bandwidth (predicted, from the sm_90a SASS: one 16-byte load of packed bytes and four
+16-byte stores per thread, ~8 instructions per element against the ~17 per element H200's
+bandwidth leaves; ``bench/sass_report.py`` prints it):
+
+- each program takes ``BYTES`` contiguous packed bytes (16 per thread), splits each byte into its
+  two nibbles and interleaves them, so element ``2i`` is the high nibble as in bitsandbytes;
+- the 16-entry code table is looked up with ``tl.gather`` on a register tensor, which the compiler
+  stages once per program in 64 bytes of shared memory: 16 distinct words in 16 banks, so the
+  lookup is conflict-free (a global gather per element would be a 4-byte load per element);
+- absmax is one load per NF4 block, broadcast over the block (tiles are block-aligned).
+
+No autograd.Function: the NF4 base is frozen. The kernel does the same fp32 operations in the same
+order as bitsandbytes (``code[q] * scale + offset`` for a double-quantized absmax, then
+``nf4[nibble] * absmax``, one rounding to the output dtype), compiled without FMA contraction, so
+its output equals bitsandbytes' bit for bit. ``row_scale`` multiplies row n by ``row_scale[n]``
+after that (IA3's output scale folded into the weight for dx), a second fp32 rounding step.
 """
 
 from __future__ import annotations
@@ -16,71 +29,82 @@ import triton
 import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, use_triton
+from mtpeft.kernels.nf4_code_cache import nf4_code_on
 from mtpeft.kernels.nf4_dequant_reference import nf4_dequant_reference
-from mtpeft.quant.nf4 import NESTED_BLOCKSIZE, nf4_code
+from mtpeft.kernels.triton_compat import cast
+from mtpeft.quant.nf4 import NESTED_BLOCKSIZE
 from mtpeft.quant.nf4_format import NF4Weight
 
-_TILE = 1024
+BYTES_PER_PROGRAM = 2048  # 16 bytes per thread at 4 warps: one 16-byte load, four 16-byte stores
+NUM_WARPS = 4
 
 
 @triton.jit
-def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                        out_ptr, numel, BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-                        DOUBLE_QUANT: tl.constexpr, OUT_BF16: tl.constexpr, TILE: tl.constexpr):
-    flat = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    mask = flat < numel
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = flat // BLOCKSIZE
+def nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                       row_scale_ptr, out_ptr, numel, row_len,
+                       BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       HAS_ROW_SCALE: tl.constexpr, BYTES: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    nbytes = (numel + 1) // 2
+    offs = pid * BYTES + tl.arange(0, BYTES)
+    byte = tl.load(packed_ptr + offs, mask=offs < nbytes, other=0).to(tl.int32)
+    code = tl.load(code_ptr + tl.arange(0, 16))
+    value = tl.interleave(tl.gather(code, byte >> 4, 0), tl.gather(code, byte & 15, 0))
+    NB: tl.constexpr = 2 * BYTES // BLOCKSIZE
+    blocks = pid * NB + tl.arange(0, NB)
+    block_ok = blocks * BLOCKSIZE < numel
     if DOUBLE_QUANT:
-        absmax_q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_scale_ptr + block // NESTED_BLOCK, mask=mask, other=0.0)
-        absmax = tl.load(absmax_code_ptr + absmax_q, mask=mask, other=0.0) * scale
+        absmax_q = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + blocks // NESTED_BLOCK, mask=block_ok, other=0.0)
+        absmax = tl.load(absmax_code_ptr + absmax_q, mask=block_ok, other=0.0) * scale
         absmax = absmax + absmax_offset
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    result = value * absmax
-    if OUT_BF16:
-        # Round to nearest even by hand: Triton's interpreter truncates fp32 -> bf16 casts.
-        bits = result.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out_ptr + flat, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + flat, result.to(out_ptr.dtype.element_ty), mask=mask)
+        absmax = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)
+    w = tl.reshape(tl.reshape(value, (NB, BLOCKSIZE)) * absmax[:, None], (2 * BYTES,))
+    flat = pid * 2 * BYTES + tl.arange(0, 2 * BYTES)
+    ok = flat < numel
+    if HAS_ROW_SCALE:
+        w = w * tl.load(row_scale_ptr + flat // row_len, mask=ok, other=0.0)
+    tl.store(out_ptr + flat, cast(w, out_ptr.dtype.element_ty), mask=ok)
 
 
-_CODE_CACHE: dict[torch.device, torch.Tensor] = {}
+def bytes_per_program(blocksize: int) -> int:
+    """Packed bytes per program: a whole number of NF4 blocks, at least 16 per thread."""
+    return max(BYTES_PER_PROGRAM, blocksize // 2)
 
 
-def _code_on(device: torch.device) -> torch.Tensor:
-    if device not in _CODE_CACHE:
-        _CODE_CACHE[device] = nf4_code(device)
-    return _CODE_CACHE[device]
-
-
-def nf4_dequant_triton(q: NF4Weight, dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch the kernel: ``q`` -> ``dtype`` tensor of ``q.shape`` (written into ``out`` if given)."""
-    n = q.numel
-    if n >= 2**31 - _TILE:
-        raise ValueError(f"nf4_dequant: {n} elements; weights of 2**31 or more elements are not supported")
-    device = q.packed.device
+def quant_kernel_args(q: NF4Weight, device: torch.device) -> tuple:
+    """(packed, absmax, code, absmax_code, absmax_scale, absmax_offset) as the NF4 kernels take them."""
     packed = q.packed.reshape(-1)
     packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    code = _code_on(device)
+    code = nf4_code_on(device)
     if q.double_quant:
-        args = (q.absmax.reshape(-1), code, q.absmax_code.float().reshape(-1), q.absmax_scale.float().reshape(-1),
-                float(q.absmax_offset))
-    else:
-        args = (q.absmax.float().reshape(-1), code, code, code, 0.0)
+        return (packed, q.absmax.reshape(-1), code, q.absmax_code.float().reshape(-1),
+                q.absmax_scale.float().reshape(-1), float(q.absmax_offset))
+    return (packed, q.absmax.float().reshape(-1), code, code, code, 0.0)
+
+
+def nf4_dequant_triton(q: NF4Weight, dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None,
+                       row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the kernel: ``q`` -> ``dtype`` tensor of ``q.shape`` (written into ``out`` if given),
+    rows scaled by ``row_scale`` (fp32 ``[shape[0]]``) if given."""
+    n = q.numel
+    if n >= 2**31 - 2 * bytes_per_program(q.blocksize):
+        raise ValueError(f"nf4_dequant: {n} elements; weights of 2**31 or more elements are not supported")
+    device = q.packed.device
     if out is None:
         out = empty_output(tuple(q.shape), dtype, device)
-    elif out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"nf4_dequant: out must be contiguous with {n} elements, got {tuple(out.shape)}")
-    grid = (triton.cdiv(n, _TILE),)
-    _nf4_dequant_kernel[grid](packed, *args, out, n, BLOCKSIZE=q.blocksize, NESTED_BLOCK=NESTED_BLOCKSIZE,
-                              DOUBLE_QUANT=q.double_quant, OUT_BF16=dtype == torch.bfloat16, TILE=_TILE,
-                              enable_fp_fusion=False)
+    elif out.numel() < n or not out.is_contiguous() or out.dtype != dtype:
+        raise ValueError(f"nf4_dequant: out must be a contiguous {dtype} tensor of at least {n} elements, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    row_len = int(q.shape[-1]) if len(q.shape) > 1 else n
+    scale = row_scale.float().contiguous() if row_scale is not None else out
+    per_program = bytes_per_program(q.blocksize)
+    grid = (triton.cdiv((n + 1) // 2, per_program),)
+    nf4_dequant_kernel[grid](*quant_kernel_args(q, device), scale, out, n, row_len, BLOCKSIZE=q.blocksize,
+                             NESTED_BLOCK=NESTED_BLOCKSIZE, DOUBLE_QUANT=q.double_quant,
+                             HAS_ROW_SCALE=row_scale is not None, BYTES=per_program,
+                             num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 

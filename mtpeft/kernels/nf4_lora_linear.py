@@ -20,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
+from mtpeft.kernels.backend import empty_output, interpreter_enabled, nf4_path, use_triton
+from mtpeft.kernels.nf4_dequant import quant_kernel_args
+from mtpeft.kernels.nf4_lora_linear_dequant import DequantNF4LoRALinearFunction
 from mtpeft.kernels.triton_compat import cast, dot, grouped_tile
-from mtpeft.kernels.nf4_lora_linear_reference import WeightSource, nf4_lora_linear_reference, resolve_weight
+from mtpeft.kernels.nf4_lora_linear_reference import (WeightSource, check_weight_shape, nf4_lora_linear_reference,
+                                                      resolve_weight)
 from mtpeft.quant.nf4_format import NF4Weight
 
 def _gemm_configs() -> list:
@@ -84,7 +87,11 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_pt
     else:
         byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble)
+    # The 16-entry code table as a register tensor: tl.gather stages it once in 64 bytes of shared
+    # memory, one word per bank, so the lookup is a conflict-free LDS instead of a global gather.
+    code = tl.load(code_ptr + tl.arange(0, 16))
+    value = tl.gather(code, tl.reshape(nibble, (rows.shape[0] * BLOCK_C,)), 0)
+    value = tl.reshape(value, (rows.shape[0], BLOCK_C))
     if ALIGNED and (BLOCK_C % BLOCKSIZE == 0):
         NB: tl.constexpr = BLOCK_C // BLOCKSIZE
         blocks = k0 // BLOCKSIZE + tl.arange(0, NB)
@@ -203,33 +210,6 @@ def _block_r(r: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(r, 1))))
 
 
-def _quant_args(q: NF4Weight, device: torch.device) -> tuple:
-    packed = q.packed if q.packed.dtype == torch.uint8 else q.packed.view(torch.uint8)
-    code = _nf4_code(device)
-    if q.double_quant:
-        return (packed.reshape(-1), q.absmax.reshape(-1), code, q.absmax_code.float().reshape(-1),
-                q.absmax_scale.float().reshape(-1), float(q.absmax_offset))
-    return (packed.reshape(-1), q.absmax.float().reshape(-1), code, code, code, 0.0)
-
-
-_CODE_CACHE: dict = {}
-
-
-def _nf4_code(device: torch.device) -> torch.Tensor:
-    if device not in _CODE_CACHE:
-        from mtpeft.quant.nf4 import nf4_code
-
-        _CODE_CACHE[device] = nf4_code(device)
-    return _CODE_CACHE[device]
-
-
-def _check_weight(q: NF4Weight, k: int) -> None:
-    if len(q.shape) != 2 or int(q.shape[1]) != k:
-        raise ValueError(f"nf4_lora_linear: x has {k} features but the weight has shape {tuple(q.shape)}")
-    if q.numel >= 2**31:
-        raise ValueError("nf4_lora_linear: weights with 2**31 or more elements are not supported")
-
-
 class NF4LoRALinearFunction(torch.autograd.Function):
     """Triton path; the NF4 base is frozen (no grad), bias gets one only if it requires it.
 
@@ -241,7 +221,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, source: WeightSource, scaling: float):
         qweight = resolve_weight(source)
         lead, k = x.shape[:-1], x.shape[-1]
-        _check_weight(qweight, k)
+        check_weight_shape(qweight, k)
         x2 = x.reshape(-1, k)
         m, n = x2.shape[0], int(qweight.shape[0])
         has_lora = lora_A is not None
@@ -255,7 +235,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         store_pre = ia3 is not None and ia3.requires_grad
         y = empty_output((m, n), x.dtype, x.device)
         ypre = empty_output((m, n), x.dtype, x.device) if store_pre else y
-        qargs = _quant_args(qweight, x.device)
+        qargs = quant_kernel_args(qweight, x.device)
         if m > 0:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             _fwd_kernel[grid](
@@ -315,7 +295,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
             dx = empty_output((m, k), dtype, dy2.device)
             if m > 0:
                 q = resolve_weight(ctx.source)  # only dx reads the weight
-                qargs = _quant_args(q, dy2.device)
+                qargs = quant_kernel_args(q, dy2.device)
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
                 _dx_kernel[grid](
                     dy2, g_scaled if lora_tail else dy2, a_cast if lora_tail else dy2, dx,
@@ -351,12 +331,15 @@ def nf4_lora_linear(
     ``[N]``; lora_x like x, for LoRA dropout: pass
     ``dropout(x)`` and autograd carries its gradient back through the dropout. Gradients flow to
     x, lora_x, lora_A, lora_B, ia3 and (if it requires one) bias. Triton on CUDA, the torch
-    reference on CPU (see backend).
+    reference on CPU (see backend); on Triton, the fused kernels below up to
+    ``backend.fused_max_m()`` rows, dequantization + cuBLAS (``nf4_lora_linear_dequant``) above.
     """
     if (lora_A is None) != (lora_B is None):
         raise ValueError("nf4_lora_linear: pass both lora_A and lora_B, or neither")
     if lora_x is not None and lora_x.shape != x.shape:
         raise ValueError(f"nf4_lora_linear: lora_x has shape {tuple(lora_x.shape)}, x {tuple(x.shape)}")
     if use_triton(x.device):
-        return NF4LoRALinearFunction.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
+        rows = x.numel() // max(1, x.shape[-1])
+        op = NF4LoRALinearFunction if nf4_path(rows) == "fused" else DequantNF4LoRALinearFunction
+        return op.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
     return nf4_lora_linear_reference(x, qweight, lora_A, lora_B, scaling, bias, ia3, lora_x)

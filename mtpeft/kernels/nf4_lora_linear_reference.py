@@ -24,6 +24,14 @@ def resolve_weight(source: WeightSource) -> NF4Weight:
     return source() if callable(source) else source
 
 
+def check_weight_shape(q: NF4Weight, k: int) -> None:
+    """The Triton paths' checks on the weight: [N, K] matching x's K, under 2**31 elements."""
+    if len(q.shape) != 2 or int(q.shape[1]) != k:
+        raise ValueError(f"nf4_lora_linear: x has {k} features but the weight has shape {tuple(q.shape)}")
+    if q.numel >= 2**31:
+        raise ValueError("nf4_lora_linear: weights with 2**31 or more elements are not supported")
+
+
 def _dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     from mtpeft.quant.nf4 import dequantize_nf4
 

@@ -132,8 +132,12 @@ class QuantLinear(nn.Module):
         return [getattr(self, name) for name in self._layout]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from mtpeft.kernels.backend import use_triton
+
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if torch.is_grad_enabled() and x.requires_grad:
+        if use_triton(x.device) or (torch.is_grad_enabled() and x.requires_grad):
+            # On a GPU always through the op: it picks the fused kernel for few rows (decoding,
+            # evaluation) and dequantization + cuBLAS for many.
             # through the op that dequantizes again in backward: autograd would otherwise keep
             # every layer's dequantized bf16 weight alive until backward (4x the 4-bit base).
             # The weight goes in as a callable, re-read in backward, where ZeRO-3 has gathered

@@ -19,6 +19,9 @@ from mtpeft.kernels import backend
 from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 from mtpeft.quant.nf4_format import NF4Weight
 
+# fused: the kernels that decode NF4 inside the GEMM (small M); dequant: NF4 -> buffer -> matmul
+# with the rank-r pass over dy (large M); torch: the reference. "triton" picks one by M.
+PATHS = ["fused", "dequant", "torch"]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -117,25 +120,55 @@ def case_id(case) -> str:
     return "-".join([str(dtype).replace("torch.", ""), dims] + flags)
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", PATHS)
 @pytest.mark.parametrize("x_shape,n,r,dtype,double_quant,with_bias,with_ia3", CASES, ids=[case_id(c) for c in CASES])
 def test_forward_and_all_gradients_match_float64(monkeypatch, kernels, x_shape, n, r, dtype, double_quant,
                                                  with_bias, with_ia3):
     run_case(monkeypatch, kernels, x_shape, n, r, dtype, double_quant, with_bias, with_ia3)
 
 
-def test_other_blocksize(monkeypatch):
-    run_case(monkeypatch, "triton", (21, 96), 45, 3, torch.float32, True, True, False, blocksize=128)
+@pytest.mark.parametrize("kernels", ["fused", "dequant"])
+def test_other_blocksize(monkeypatch, kernels):
+    run_case(monkeypatch, kernels, (21, 96), 45, 3, torch.float32, True, True, False, blocksize=128)
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("max_m,rows,path", [(4, 5, "dequant"), (5, 5, "fused"), (0, 1, "dequant")])
+def test_triton_mode_dispatches_by_rows(monkeypatch, max_m, rows, path):
+    """MTPEFT_KERNELS=triton: the fused kernel up to MTPEFT_NF4_FUSED_MAX_M rows, dequant above."""
+    import importlib
+
+    module = importlib.import_module("mtpeft.kernels.nf4_lora_linear")
+    monkeypatch.setenv("MTPEFT_KERNELS", "triton")
+    monkeypatch.setenv("MTPEFT_NF4_FUSED_MAX_M", str(max_m))
+    taken = []
+    for name, label in (("NF4LoRALinearFunction", "fused"), ("DequantNF4LoRALinearFunction", "dequant")):
+        cls = getattr(module, name)
+        monkeypatch.setattr(module, name, type(name, (cls,), {"apply": staticmethod(
+            lambda *args, _cls=cls, _label=label: taken.append(_label) or _cls.apply(*args))}))
+    q, w_deq = bnb_nf4(torch.randn(33, 64), True)
+    x = torch.randn(rows, 64)
+    y = nf4_lora_linear(x, q, None, None, 1.0)
+    assert taken == [path] and rel_err(y, x.double() @ w_deq.double().t()) <= 1e-5
+
+
+def test_bad_crossover_setting_is_a_config_error(monkeypatch):
+    from mtpeft.errors import ConfigError
+
+    monkeypatch.setenv("MTPEFT_KERNELS", "triton")
+    monkeypatch.setenv("MTPEFT_NF4_FUSED_MAX_M", "-3")
+    q, _ = bnb_nf4(torch.randn(8, 16), False)
+    with pytest.raises(ConfigError, match="MTPEFT_NF4_FUSED_MAX_M"):
+        nf4_lora_linear(torch.randn(2, 16), q, None, None, 1.0)
+
+
+@pytest.mark.parametrize("kernels", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_separate_lora_input(monkeypatch, kernels, dtype):
     """lora_x (e.g. dropout(x)) feeds only the LoRA branch; both inputs get their own gradient."""
     run_case(monkeypatch, kernels, (3, 11, 256), 70, 5, dtype, True, True, True, separate_lora_x=True)
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", PATHS)
 def test_lora_dropout_through_autograd(monkeypatch, kernels):
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)
     q, w_deq = bnb_nf4(torch.randn(40, 64), False)
@@ -152,7 +185,7 @@ def test_lora_dropout_through_autograd(monkeypatch, kernels):
     assert rel_err(y.detach(), y64) <= 1e-5 and rel_err(x.grad, dx64) <= 1e-5
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", PATHS)
 def test_frozen_bias_and_ia3_get_no_gradient(monkeypatch, kernels):
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)
     q, w_deq = bnb_nf4(torch.randn(33, 40), True)
@@ -171,14 +204,15 @@ def test_frozen_bias_and_ia3_get_no_gradient(monkeypatch, kernels):
     assert rel_err(x.grad, dx_expected) <= 1e-5
 
 
-def test_weight_shape_mismatch_is_reported(monkeypatch):
-    monkeypatch.setenv("MTPEFT_KERNELS", "triton")
+@pytest.mark.parametrize("kernels", ["fused", "dequant"])
+def test_weight_shape_mismatch_is_reported(monkeypatch, kernels):
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
     q, _ = bnb_nf4(torch.randn(8, 16), False)
     with pytest.raises(ValueError, match="features"):
         nf4_lora_linear(torch.randn(2, 17), q, None, None, 1.0)
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", PATHS)
 def test_packed_bytes_viewed_as_bf16_give_identical_results(monkeypatch, kernels):
     """QuantLinear stores the bytes viewed as bf16 (quant_storage) so ZeRO-3 partitions them."""
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)
@@ -188,7 +222,7 @@ def test_packed_bytes_viewed_as_bf16_give_identical_results(monkeypatch, kernels
     assert torch.equal(nf4_lora_linear(x, q, a, b, 0.5), nf4_lora_linear(x, q_bf16, a, b, 0.5))
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", PATHS)
 def test_empty_batch(monkeypatch, kernels):
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)
     q, _ = bnb_nf4(torch.randn(33, 64), True)
@@ -200,7 +234,7 @@ def test_empty_batch(monkeypatch, kernels):
     assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", PATHS)
 def test_weight_given_as_callable_is_asked_again_in_backward(monkeypatch, kernels):
     """QuantLinear passes its ``quant_weight``: under ZeRO-3 backward then reads re-gathered bytes."""
     monkeypatch.setenv("MTPEFT_KERNELS", kernels)

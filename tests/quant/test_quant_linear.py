@@ -37,7 +37,7 @@ def kernel_module():
 
     # (import_module: the package re-exports a function of the same name as this submodule)
     module = importlib.import_module("mtpeft.kernels.nf4_dequant")
-    if not isinstance(module._nf4_dequant_kernel, InterpretedFunction):
+    if not isinstance(module.nf4_dequant_kernel, InterpretedFunction):
         module = importlib.reload(module)
     return module
 
@@ -64,6 +64,27 @@ def test_triton_dequant_equals_bitsandbytes(kernel_module, shape, double_quant, 
     assert torch.equal(got, _bnb_dequant(q, dtype))
     with backend.poisoned_outputs():
         assert torch.equal(kernel_module.nf4_dequant_triton(q, dtype), got)
+
+
+@pytest.mark.parametrize("blocksize", [128, 4096])
+def test_triton_dequant_other_blocksizes_equal_bitsandbytes(kernel_module, blocksize):
+    """Blocks wider than one program's default tile (4096: the tile grows to one whole block)."""
+    w = torch.randn(33, 300, generator=torch.Generator().manual_seed(blocksize)) * 0.05
+    q = quantize_nf4(w.to(torch.bfloat16), blocksize=blocksize, double_quant=True)
+    with backend.poisoned_outputs():
+        assert torch.equal(kernel_module.nf4_dequant_triton(q, torch.bfloat16), _bnb_dequant(q, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_dequant_row_scale(kernel_module, dtype):
+    """IA3's output scale folded into the rows: fp32 product of bitsandbytes' fp32 value and the
+    scale, rounded once to the dtype."""
+    w = torch.randn(70, 257, generator=torch.Generator().manual_seed(3)) * 0.05
+    q = quantize_nf4(w.to(dtype), double_quant=True)
+    scale = torch.rand(70, generator=torch.Generator().manual_seed(4)) + 0.5
+    want = (_bnb_dequant(q, torch.float32) * scale[:, None]).to(dtype)
+    with backend.poisoned_outputs():
+        assert torch.equal(kernel_module.nf4_dequant_triton(q, dtype, row_scale=scale), want)
 
 
 def test_dispatch_follows_env(kernel_module, monkeypatch):

@@ -1,0 +1,93 @@
+"""Large-M path of the 4-bit linear layer: NF4 → bf16 into a reused buffer, then cuBLAS.
+
+At training batch sizes the GEMMs are compute-bound, so the best a 4-bit layer can do is the bf16
+GEMM plus the cost of producing its weight. This path dequantizes with the bandwidth-bound kernel
+(``nf4_dequant``, ~40 MB of traffic for a 4096×4096 weight) into ``dequant_workspace`` and calls
+cuBLAS; the fused kernels (``nf4_lora_linear``) decode each weight tile once per row tile, which
+only pays at small M. Same contract and gradients as the fused op:
+
+- forward: the buffer holds ``[deq(W); A]`` ([N + r, K]), so ONE GEMM gives ``x·deq(W)ᵀ`` and
+  ``x·Aᵀ`` (x is read once); the LoRA term is added in place with ``addmm_`` (cuBLAS, beta = 1), then
+  bias and IA3. With a separate LoRA input (dropout) ``x·Aᵀ`` reads ``lora_x`` instead.
+- backward: ``g = s·dy·B`` and ``dB = s·dyᵀ·(x·Aᵀ)`` in one pass over dy (``lora_dy_pass``); the weight
+  dequantized again with IA3's scale folded into its rows, ``dx = dy·W'`` by cuBLAS and the LoRA tail
+  ``g·A`` added in place; ``dA = gᵀ·x``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtpeft.kernels.dequant_workspace import dequant_workspace
+from mtpeft.kernels.lora_dy_pass import lora_dy_pass_triton
+from mtpeft.kernels.nf4_dequant import nf4_dequant_triton
+from mtpeft.kernels.nf4_lora_linear_reference import check_weight_shape, resolve_weight
+
+
+class DequantNF4LoRALinearFunction(torch.autograd.Function):
+    """Arguments as ``NF4LoRALinearFunction``: (x, lora_x, lora_A, lora_B, bias, ia3, source, scaling)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_x, lora_A, lora_B, bias, ia3, source, scaling: float):
+        q = resolve_weight(source)
+        lead, k = x.shape[:-1], x.shape[-1]
+        check_weight_shape(q, k)
+        n = int(q.shape[0])
+        x2 = x.reshape(-1, k)
+        has_lora = lora_A is not None
+        fold_a = has_lora and lora_x is None
+        r = lora_A.shape[0] if has_lora else 0
+        w = dequant_workspace(n + (r if fold_a else 0), k, x.dtype, x.device)
+        nf4_dequant_triton(q, x.dtype, out=w[:n])
+        a_c = lora_A.to(x.dtype) if has_lora else None
+        if fold_a:
+            w[n:].copy_(a_c)
+        out = x2 @ w.t()
+        y = out[:, :n]
+        xa = lx2 = None
+        if has_lora:
+            lx2 = x2 if lora_x is None else lora_x.reshape(-1, k)
+            xa = out[:, n:].contiguous() if fold_a else lx2 @ a_c.t()
+            y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scaling)
+        if bias is not None:
+            y.add_(bias)
+        store_pre = ia3 is not None and ia3.requires_grad
+        ypre = y if store_pre else None
+        if ia3 is not None:
+            y = y * ia3.to(y.dtype) if store_pre else y.mul_(ia3.to(y.dtype))
+        ctx.source, ctx.scaling, ctx.lead, ctx.n, ctx.k = source, scaling, lead, n, k
+        ctx.has_lora, ctx.separate_lora_x = has_lora, lora_x is not None
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (lora_A, lora_B, bias, ia3))
+        need_a, need_b = ctx.needs_input_grad[2:4]
+        ctx.save_for_backward(lx2 if has_lora and need_a else None, xa, lora_A, lora_B, ia3, ypre)
+        return y.reshape(*lead, n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        lx2, xa, lora_A, lora_B, ia3, ypre = ctx.saved_tensors
+        n, k = ctx.n, ctx.k
+        dy2 = dy.reshape(-1, n)
+        need_x, need_lx, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:6]
+        dx = d_lx = d_a = d_b = d_bias = d_ia3 = g = None
+        if ctx.has_lora:
+            b_eff = lora_B if ia3 is None else lora_B.float() * ia3.float()[:, None]
+            g, db = lora_dy_pass_triton(dy2, b_eff.to(dy2.dtype), xa, ctx.scaling)
+            a_c = lora_A.to(dy2.dtype)
+            if need_b:
+                d_b = (db if ia3 is None else db * ia3.float()[:, None]).to(ctx.dtypes[1])
+            if need_a:
+                d_a = (g.t() @ lx2).to(ctx.dtypes[0])
+            if need_lx:
+                d_lx = (g @ a_c).reshape(*ctx.lead, k)
+        if need_bias:
+            d_bias = (dy2.float().sum(0) * (ia3.float() if ia3 is not None else 1.0)).to(ctx.dtypes[2])
+        if need_ia3:
+            d_ia3 = (dy2.float() * ypre.float()).sum(0).to(ctx.dtypes[3])
+        if need_x:
+            w = dequant_workspace(n, k, dy2.dtype, dy2.device)
+            nf4_dequant_triton(resolve_weight(ctx.source), dy2.dtype, out=w, row_scale=ia3)
+            dx = dy2 @ w
+            if ctx.has_lora and not ctx.separate_lora_x:
+                dx.addmm_(g, a_c)
+            dx = dx.reshape(*ctx.lead, k)
+        return dx, d_lx, d_a, d_b, d_bias, d_ia3, None, None
