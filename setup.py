@@ -31,6 +31,11 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        # evaluation: scores depend on these versions (the grammar shapes CodeBLEU's syntax and data flow)
+        "codebleu>=0.7.0,<=0.7.0",
+        "tree-sitter>=0.22,<0.23",
+        "tree-sitter-python>=0.21,<0.22",
+        "sacrebleu>=2.4,<=2.6.0",
     ],
     extras_require={"test": ["pytest>=7.0"]},
     entry_points={"console_scripts": ["mtpeft=mtpeft.cli:main"]},

@@ -64,6 +64,9 @@ class TaskConfig:
     max_new_tokens: int = 32
     metric: str = ""  # the headline metric, among the kind's (classify: accuracy | f1); "" = the kind's default
     num_beams: int = 1  # generation eval: 1 greedy, k > 1 beam search with EM@k (the code-generation study: 10)
+    bleu: str = "study"  # generation eval: a name in tasks/bleu.py's BLEU_CONVENTIONS
+    codebleu: str = "codexglue"  # generation eval: a name in tasks/codebleu.py's CODEBLEU_CONVENTIONS
+    top_k: Optional[int] = None  # retrieval eval: MRR over each query's top-k list (None: every rank; AdvTest: 100)
 
 
 @dataclass
@@ -270,6 +273,8 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         cfg.model.name_or_path = str(local.resolve())
     if not cfg.tasks:
         raise ConfigError(f"{source}: tasks is empty; list at least one task with name, kind, format, train, eval")
+    from mtpeft.tasks.bleu import BLEU_CONVENTIONS
+    from mtpeft.tasks.codebleu import CODEBLEU_CONVENTIONS
     from mtpeft.tasks.formats import FORMATS
     from mtpeft.tasks.kinds import KINDS
 
@@ -298,6 +303,12 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
             hint = f"; did you mean {near[0]}?" if near else ""
             raise ConfigError(f"{where}.format: unknown dataset format {task.format!r} "
                               f"(one of {', '.join(sorted(FORMATS))}){hint}")
+        for key, registry in (("bleu", BLEU_CONVENTIONS), ("codebleu", CODEBLEU_CONVENTIONS)):
+            if getattr(task, key) not in registry:
+                raise ConfigError(f"{where}.{key} must be one of {', '.join(registry)}, got {getattr(task, key)!r}")
+        if task.top_k is not None and (isinstance(task.top_k, bool) or not isinstance(task.top_k, int)
+                                       or task.top_k < 1):
+            raise ConfigError(f"{where}.top_k must be a positive integer or null (every rank), got {task.top_k!r}")
         allowed = KINDS[task.kind].headline_metrics()
         if task.metric and task.metric not in allowed:
             raise ConfigError(f"{where}.metric: kind {task.kind} reports {', '.join(allowed)}, got {task.metric!r}")

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from mtpeft.tasks.classification import bos
 from mtpeft.tasks.chunked_lm_loss import resolve_chunk, token_cross_entropy
 from mtpeft.tasks.beam_search import beam_search_uncached
-from mtpeft.tasks.codebleu import codebleu
-from mtpeft.tasks.metrics import bleu, em_at_k, exact_match
+from mtpeft.tasks.bleu import BLEU_CONVENTIONS
+from mtpeft.tasks.codebleu import CODEBLEU_CONVENTIONS
+from mtpeft.tasks.metrics import em_at_k, exact_match
 from mtpeft.tasks.task_kind import TaskKind
 
 PROMPT = "### Instruction:\n{nl}\n### Response:\n"
@@ -29,14 +30,18 @@ class Generate(TaskKind):
     metric = "exact_match"
     uses_lm_head = True
 
-    def __init__(self, max_new_tokens: int = 32, logits_chunk: int = 0, num_beams: int = 1):
+    def __init__(self, max_new_tokens: int = 32, logits_chunk: int = 0, num_beams: int = 1,
+                 bleu: str = "study", codebleu: str = "codexglue"):
         self.max_new_tokens = max_new_tokens
         self.logits_chunk = logits_chunk  # train.logits_chunk: 0 automatic, -1 full logits, N tokens
         self.num_beams = num_beams  # evaluation: 1 greedy; k > 1 beam search, EM@k for k in EM_AT
+        self.bleu = bleu  # a name in BLEU_CONVENTIONS (config validation checks it)
+        self.codebleu = codebleu  # a name in CODEBLEU_CONVENTIONS
 
     @classmethod
     def from_config(cls, task, train) -> "Generate":
-        return cls(max_new_tokens=task.max_new_tokens, logits_chunk=train.logits_chunk, num_beams=task.num_beams)
+        return cls(max_new_tokens=task.max_new_tokens, logits_chunk=train.logits_chunk, num_beams=task.num_beams,
+                   bleu=task.bleu, codebleu=task.codebleu)
 
     def predict_rows(self, model, task: str, rows: list[dict], tok, max_len: int, synced: bool) -> list:
         """Each row's candidates, best first: one with greedy decoding, ``num_beams`` with beam search."""
@@ -124,18 +129,20 @@ class Generate(TaskKind):
 
     def score(self, preds: list, examples: list[dict]) -> dict:
         """Exact match of the best candidate (the headline), EM@k over the beams, BLEU and CodeBLEU of
-        the best candidate; an empty prediction is the chance baseline."""
+        the best candidate in the configured conventions; an empty prediction is the chance baseline."""
         refs = [e["target"] for e in examples]
         cands = [p if isinstance(p, list) else [p] for p in preds]
         best, empty = [c[0] for c in cands], [""] * len(refs)
+        bleu, codebleu = BLEU_CONVENTIONS[self.bleu], CODEBLEU_CONVENTIONS[self.codebleu]
         out = {"metric": self.metric, "value": exact_match(best, refs), "chance": exact_match(empty, refs),
-               "bleu": bleu(best, refs), "chance_bleu": bleu(empty, refs)}
+               "bleu": bleu.score(best, refs), "chance_bleu": bleu.score(empty, refs)}
         beams = max(len(c) for c in cands)
         out.update({f"em@{k}": em_at_k(cands, refs, k) for k in EM_AT if k <= beams})
-        out["codebleu"] = codebleu(best, refs)["codebleu"]
+        out["codebleu"] = codebleu.score(best, refs)["codebleu"]
         out["convention"] = (f"{'greedy decoding' if beams == 1 else f'beam search, {beams} beams'}; exact match "
-                             f"after collapsing whitespace; BLEU and CodeBLEU (ast-based, docs/METRICS.md) of the "
-                             f"best candidate")
+                             f"after newlines and tabs become spaces (the code-generation study's); BLEU "
+                             f"{self.bleu}: {bleu.summary}; CodeBLEU {self.codebleu}: {codebleu.summary}; "
+                             f"of the best candidate")
         return out
 
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics for the task kinds: classification, ranking, text/code generation, pass@k.
+"""Evaluation metrics for the task kinds: classification, ranking, exact match, pass@k (BLEU and
+CodeBLEU in their conventions: ``tasks/bleu.py``, ``tasks/codebleu.py``).
 
 Every function is pure Python / numpy on host data so the same numbers come out on every rank and
 every machine; conventions (ties, empty inputs, smoothing) are spelled out in docs/METRICS.md.
@@ -7,8 +8,6 @@ every machine; conventions (ties, empty inputs, smoothing) are spelled out in do
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -125,92 +124,29 @@ def map_at_r(embeddings: "torch.Tensor | np.ndarray", labels: Sequence[int]) -> 
     return float(np.mean(aps))
 
 
-def normalize_whitespace(s: str) -> str:
-    """Strip and collapse runs of whitespace to one space (the EM normalisation)."""
-    return " ".join(s.split())
+def flatten(s: str) -> str:
+    """The code-generation study's normalisation: strip, then every newline and tab becomes one space
+    (runs of spaces stay as they are, so indentation still counts)."""
+    return s.strip().replace("\n", " ").replace("\t", " ")
 
 
 def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Fraction of predictions equal to the reference after whitespace normalisation."""
+    """Fraction of predictions equal to the reference after ``flatten`` (the study's EM)."""
     check_same_length(preds, refs, "exact_match")
-    return sum(normalize_whitespace(p) == normalize_whitespace(r) for p, r in zip(preds, refs)) / len(refs)
+    return sum(flatten(p) == flatten(r) for p, r in zip(preds, refs)) / len(refs)
 
 
 def em_at_k(candidates: Sequence[Sequence[str]], refs: Sequence[str], k: int) -> float:
-    """EM@k: an example is a hit if any of its first k candidates (beams, best first) matches."""
+    """EM@k: an example is a hit if any of its first k candidates (beams, best first) matches after
+    ``flatten`` (the study's ``reference in predictions[:k]``)."""
     check_same_length(candidates, refs, "em_at_k")
     if k < 1:
         raise ValueError("em_at_k: k must be >= 1")
     hits = 0
     for cands, ref in zip(candidates, refs):
-        target = normalize_whitespace(ref)
-        hits += any(normalize_whitespace(c) == target for c in list(cands)[:k])
+        target = flatten(ref)
+        hits += any(flatten(c) == target for c in list(cands)[:k])
     return hits / len(refs)
-
-
-_TOKEN_RE = re.compile(
-    r'''[rRbBuUfF]{0,2}(?:"""(?:\\.|[^\\])*?"""|\'\'\'(?:\\.|[^\\])*?\'\'\''''
-    r'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')'''
-    r"|[A-Za-z_]\w*"
-    r"|0[xXoObB][0-9a-fA-F_]+|(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][+-]?\d+)?[jJ]?"
-    r"|\*\*=|//=|>>=|<<=|\.\.\.|->|:=|==|!=|<=|>=|\*\*|//|<<|>>|\+=|-=|\*=|/=|%=|&=|\|=|\^=|@="
-    r"|&&|\|\||\+\+|--|::"
-    r"|\S",
-    re.DOTALL,
-)
-
-
-def code_tokenize(s: str) -> list[str]:
-    """Split code into identifiers, numbers, string literals (kept whole) and operators.
-
-    Whitespace-split BLEU (what CodeBLEU's reference implementation does) scores ``f(x)`` and
-    ``f ( x )`` differently; a lexer-like split makes BLEU independent of spacing style.
-    """
-    return _TOKEN_RE.findall(s)
-
-
-def ngram_counts(tokens: Sequence[str], n: int) -> Counter:
-    """Multiset of the n-grams of a token list (shared by BLEU and CodeBLEU's weighted match)."""
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def log_brevity_penalty(ref_len: int, hyp_len: int) -> float:
-    """log BP = min(0, 1 - r/c); -inf for an empty candidate corpus."""
-    if hyp_len == 0:
-        return -math.inf
-    return min(0.0, 1.0 - ref_len / hyp_len)
-
-
-def bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4, smooth: bool = True) -> float:
-    """Corpus BLEU in [0, 1] over ``code_tokenize`` tokens, one reference per prediction.
-
-    Clipped n-gram matches and candidate n-gram totals are summed over the corpus (Papineni et
-    al.), p_n = matches_n / total_n, BLEU = BP · exp(mean_n log p_n), BP = min(1, exp(1 - r/c)).
-    smooth=True is Lin & Och (2004) "smoothing 1" / BLEU+1: add one to numerator and denominator
-    of p_n for n ≥ 2, as CodeXGLUE's smooth_bleu.py does, but with the standard brevity penalty
-    (smooth_bleu also adds one to r and c there). Without smoothing any zero p_n gives 0.
-    """
-    check_same_length(preds, refs, "bleu")
-    matches = [0] * max_n
-    totals = [0] * max_n
-    hyp_len = ref_len = 0
-    for pred, ref in zip(preds, refs):
-        hyp, gold = code_tokenize(pred), code_tokenize(ref)
-        hyp_len += len(hyp)
-        ref_len += len(gold)
-        for n in range(1, max_n + 1):
-            h, r = ngram_counts(hyp, n), ngram_counts(gold, n)
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += sum(h.values())
-    log_p = 0.0
-    for n in range(1, max_n + 1):
-        add = 1 if smooth and n > 1 else 0
-        num, den = matches[n - 1] + add, totals[n - 1] + add
-        if num == 0 or den == 0:
-            return 0.0
-        log_p += math.log(num / den)
-    log_bp = log_brevity_penalty(ref_len, hyp_len)
-    return math.exp(log_bp + log_p / max_n) if log_bp > -math.inf else 0.0
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

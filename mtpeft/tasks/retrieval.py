@@ -22,12 +22,13 @@ class Retrieve(TaskKind):
     metric = "mrr"
     pass_masks = ("query_mask", "code_mask")  # queries and code are embedded in two passes
 
-    def __init__(self, temperature: float = 0.05):
+    def __init__(self, temperature: float = 0.05, top_k: int | None = None):
         self.temperature = temperature
+        self.top_k = top_k  # MRR over each query's top-k list (CodeXGLUE AdvTest: 100); None: every rank
 
     @classmethod
     def from_config(cls, task, train) -> "Retrieve":
-        return cls(temperature=train.retrieval_temperature)
+        return cls(temperature=train.retrieval_temperature, top_k=task.top_k)
 
     @classmethod
     def make_head(cls, hidden: int, dropout: float) -> RetrievalHead:
@@ -65,7 +66,9 @@ class Retrieve(TaskKind):
     def score(self, preds: list, examples: list[dict]) -> dict:
         q = torch.tensor([p[0] for p in preds])
         c = torch.tensor([p[1] for p in preds])
-        n = len(preds)
-        return {"metric": self.metric, "value": mrr(q @ c.T, list(range(n))), "chance": chance_mrr(n),
-                "convention": f"MRR of the paired code among all {n} eval candidates, every rank counted, "
+        n, k = len(preds), self.top_k
+        ranks = "every rank counted" if k is None else f"only the top-{k} list scored (later ranks count 0)"
+        return {"metric": self.metric, "value": mrr(q @ c.T, list(range(n)), top_k=k), "chance": chance_mrr(n, k),
+                "top_k": k,
+                "convention": f"MRR of the paired code among all {n} eval candidates, {ranks}, "
                               f"ties averaged over their orders (a collapsed encoder scores chance)"}

@@ -52,10 +52,10 @@ def test_prompt_tuning_decodes_beams_through_its_virtual_tokens(tmp_path):
 
 def test_score_reports_em_at_k_over_beams_by_hand():
     examples = [{"target": "x = 1"}, {"target": "y = 2"}, {"target": "print(z)"}]
-    preds = [["x = 1", "x=1"], ["y = 3", "y  =  2"], ["print(y)", "print(x)"]]
+    preds = [["x = 1", "x=1"], ["y = 3", "y = 2\n"], ["print(y)", "print(x)"]]
     got = Generate(num_beams=2).score(preds, examples)
     assert got["value"] == pytest.approx(1 / 3) and got["em@1"] == pytest.approx(1 / 3)
-    assert got["em@2"] == pytest.approx(2 / 3)  # "y  =  2" matches after collapsing whitespace
+    assert got["em@2"] == pytest.approx(2 / 3)  # "y = 2\n" matches once stripped (the study's flattening)
     assert "em@5" not in got and got["chance"] == 0.0
     assert 0.0 <= got["codebleu"] <= 1.0 and "beam search, 2 beams" in got["convention"]
     greedy = Generate().score(["x = 1", "q", "print(z)"], examples)
