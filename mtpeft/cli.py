@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from mtpeft.command_parser import CommandParser
-from mtpeft.errors import ConfigError, DataError, UserError
+from mtpeft.errors import ConfigError, DataError, UserError, WriteError
+from mtpeft.failed_writes import FREE_SPACE, reason
 from mtpeft.shipped_files import run_config
 from mtpeft.trainer.faults import RunAborted
 
@@ -146,19 +147,42 @@ REPEAT_EXIT_DELAY_S = 3.0
 def _node_repeat(exc: UserError, args) -> bool:
     """A config or dataset error on a node's local rank > 0: its local rank 0 read the same files and
     prints the same line, so under the launcher the user sees it once per node, not once per rank."""
-    local = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return local > 0 and isinstance(exc, (ConfigError, DataError))
+    return _local_rank(args) > 0 and isinstance(exc, (ConfigError, DataError))
+
+
+def _local_rank(args) -> int:
+    return args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def _unguarded_write(exc: Exception) -> UserError | None:
+    """A failed write no ``failed_writes.writing`` named (a disk that filled under a library): still
+    one line, naming the file when the error does."""
+    why = reason(exc)
+    if why is None:
+        return None
+    where = getattr(exc, "filename", None) or "a file mtpeft was writing"
+    return WriteError(f"{where}: cannot be written, {why}; {FREE_SPACE}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except (OSError, RuntimeError) as exc:
+            user = _unguarded_write(exc)
+            if user is None:
+                raise
+            raise user from None
     except UserError as exc:
         if _node_repeat(exc, args):
             time.sleep(REPEAT_EXIT_DELAY_S)  # the launcher stops every rank once one exits: let local rank 0 print
         else:
+            if isinstance(exc, WriteError) and _local_rank(args) > 0:
+                # a shared disk fills for every rank: local rank 0 prints first and the launcher stops the
+                # others; a rank whose own write failed while rank 0 waits in a barrier still prints
+                time.sleep(REPEAT_EXIT_DELAY_S)
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except RunAborted as exc:

@@ -25,3 +25,8 @@ class CheckpointError(UserError):
 
 class LaunchError(UserError):
     """A hostfile, DeepSpeed config or launch setting is wrong."""
+
+
+class WriteError(UserError):
+    """A file mtpeft writes could not be written: the disk is full, a quota or size limit was
+    reached, or the place is read-only. Not bad input as such, but the user's to fix."""

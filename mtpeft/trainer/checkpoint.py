@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError
+from mtpeft.failed_writes import FREE_SPACE, writing
 from mtpeft.trainer.damaged import complete_tags, reading
 
 POINTER = "latest"
@@ -58,15 +59,21 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def save(engine, ckpt_dir: Path, step: int, run_state: dict, ctx: DistContext, keep: int) -> str:
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{ctx.rank}.pt")
-    if ctx.is_main:
-        torch.save({**run_state, "step": step, "world_size": ctx.world}, ckpt_dir / tag / "run_state.pt.tmp")
-        os.replace(ckpt_dir / tag / "run_state.pt.tmp", ckpt_dir / tag / "run_state.pt")
+    previous = (ckpt_dir / POINTER).read_text().strip() if (ckpt_dir / POINTER).is_file() else None
+    in_charge = (f"{ckpt_dir / POINTER} still points at {previous}, which a rerun resumes from" if previous else
+                 "no checkpoint was completed, so a rerun starts over")
+    then = f"{in_charge} (the partial {tag} is never read and the next save removes it): {FREE_SPACE} the same command"
+    with writing(ckpt_dir / tag, then):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{ctx.rank}.pt")
+        if ctx.is_main:
+            torch.save({**run_state, "step": step, "world_size": ctx.world}, ckpt_dir / tag / "run_state.pt.tmp")
+            os.replace(ckpt_dir / tag / "run_state.pt.tmp", ckpt_dir / tag / "run_state.pt")
     _barrier(ctx)  # every rank's partition is on disk before the pointer moves
     if ctx.is_main:
         tmp = ckpt_dir / (POINTER + ".tmp")
-        tmp.write_text(tag)
+        with writing(tmp, then):
+            tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / POINTER)
         _prune(ckpt_dir, keep, tag)
     _barrier(ctx)

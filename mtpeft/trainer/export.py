@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from mtpeft.config import RunConfig
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError, UserError
+from mtpeft.failed_writes import FREE_SPACE, writing
 from mtpeft.trainer.damaged import reading
 from mtpeft.tuners.base import check_keys
 from mtpeft.tuners.gather import gathered
@@ -78,17 +79,20 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | Non
     out_dir = Path(out_dir)
     check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))  # never a user's folder
-    try:
-        peft_cfg = tuner.peft_config(model, cfg.model.name_or_path)
-        if peft_cfg is not None:
-            peft_cfg.save_pretrained(str(tmp))
-        save_file(adapter_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        save_file(heads_t, str(tmp / HEADS_FILE), metadata={"format": "pt"})
-        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(cfg, model, adapter_t), indent=2))
-    except BaseException:  # a failed write (disk full, interrupt) leaves the previous export in charge
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    then = (f"{'the previous export in ' + str(out_dir) + ' is unchanged' if out_dir.exists() else 'nothing was left'}"
+            f"; {FREE_SPACE}")
+    with writing(out_dir, then):
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))  # never a user's folder
+        try:
+            peft_cfg = tuner.peft_config(model, cfg.model.name_or_path)
+            if peft_cfg is not None:
+                peft_cfg.save_pretrained(str(tmp))
+            save_file(adapter_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+            save_file(heads_t, str(tmp / HEADS_FILE), metadata={"format": "pt"})
+            (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(cfg, model, adapter_t), indent=2))
+        except BaseException:  # a failed write (disk full, interrupt) leaves the previous export in charge
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     old = None
     if out_dir.exists():  # a previous export (check_export_target): set aside, then removed
         old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))

@@ -10,6 +10,7 @@ Every global step trains one task (the schedule), with the same examples whateve
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mtpeft.config import RunConfig, dump_config
+from mtpeft.failed_writes import writing
 from mtpeft.launch.nvme import fill_nvme_paths
 from mtpeft.trainer import checkpoint
 from mtpeft.trainer.build import build_model, load_tokenizer
@@ -78,10 +80,13 @@ class Recipe:
         self.ctx = ctx = init_distributed(cfg.train.collective_timeout_s)
         ckpt_dir = self.run_dir / "checkpoints"
         if ctx.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
-                (self.run_dir / "log.jsonl").unlink(missing_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+            with writing(self.run_dir / "config.yaml"):
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                if not self.resume:
+                    (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+                # through a temporary name: a failed write never leaves a cut config.yaml for the resume check
+                dump_config(cfg, self.run_dir / "config.yaml.tmp")
+                os.replace(self.run_dir / "config.yaml.tmp", self.run_dir / "config.yaml")
         if ctx.world > 1 and not self.resume:
             dist.barrier()  # nobody logs into the folder before rank 0 has cleared it
         self.ds_config = fill_nvme_paths(build_ds_config(cfg, ctx.world), cfg.deepspeed.config)  # node-local disk
@@ -94,7 +99,8 @@ class Recipe:
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         if self.partition_report:
-            write_partition_report(self.engine.module, ctx, self.run_dir / "partition.json")
+            with writing(self.run_dir / "partition.json"):
+                write_partition_report(self.engine.module, ctx, self.run_dir / "partition.json")
         torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 7)  # only what is not keyed by example differs per rank
         self.mt = MultitaskState(cfg, [t.name for t in self.tasks], [len(t.train_set) for t in self.tasks])
         if self.resume:
@@ -111,7 +117,8 @@ class Recipe:
             return 0
         self.mt.load_state_dict(state["multitask"])
         if self.ctx.is_main:
-            truncate_log(self.run_dir / "log.jsonl", state["step"])
+            with writing(self.run_dir / "log.jsonl"):
+                truncate_log(self.run_dir / "log.jsonl", state["step"])
             print(f"resumed from {ckpt_dir / ('step%d' % state['step'])}", flush=True)
         return state["step"]
 
