@@ -1,7 +1,7 @@
 """Bottleneck adapters shared by all tasks: serial (Houlsby) and parallel (He et al.).
 
 Serial: after the attention output projection and after the feed-forward output projection of every
-layer, ``h ← h + s·up(act(down(h)))``. Parallel: beside each feed-forward block,
+layer (both found by ``structure.find_blocks``), ``h ← h + s·up(act(down(h)))``. Parallel: beside each feed-forward block,
 ``mlp_out ← mlp(x) + s·up(act(down(x)))`` with x the block's input. The up-projection starts at zero,
 so both start as the identity. Every adapter runs through ``mtpeft.kernels.bottleneck_adapter``
 (Triton on CUDA, the torch reference on CPU). HF peft has no bottleneck adapter: the export is
@@ -19,9 +19,8 @@ import torch.nn as nn
 from mtpeft.kernels.bottleneck_adapter import bottleneck_adapter
 from mtpeft.kernels.bottleneck_adapter_reference import check_activation
 from mtpeft.tuners.base import Tuner, WrappedLinear
-from mtpeft.tuners.family import ffn_blocks, find_linears, model_type, replace_module, FFN_BLOCKS
-
-SERIAL_TARGETS = ["o_proj", "down_proj"]
+from mtpeft.tuners.family import replace_module
+from mtpeft.tuners.structure import ffn_modules, find_blocks
 
 
 @dataclass
@@ -104,7 +103,10 @@ class SerialAdapterTuner(AdapterTuner):
     name = "serial_adapter"
 
     def inject(self, backbone: nn.Module) -> None:
-        for name in find_linears(backbone, SERIAL_TARGETS, "serial_adapter targets", skip=(SerialAdapterLinear,)):
+        outputs = [name for b in find_blocks(backbone) for name in (b.attention_out, b.ffn_out)]
+        for name in outputs:
+            if isinstance(backbone.get_submodule(name), SerialAdapterLinear):
+                continue
             replace_module(backbone, name, SerialAdapterLinear(backbone.get_submodule(name), self.settings))
         return None
 
@@ -113,8 +115,8 @@ class ParallelAdapterTuner(AdapterTuner):
     name = "parallel_adapter"
 
     def inject(self, backbone: nn.Module) -> None:
-        bert_style = model_type(backbone) in FFN_BLOCKS and "output" in FFN_BLOCKS[model_type(backbone)]
-        wrapper = ParallelAdapterBertOutput if bert_style else ParallelAdapterBlock
-        for name in ffn_blocks(backbone):
+        names, split = ffn_modules(backbone)
+        wrapper = ParallelAdapterBertOutput if split else ParallelAdapterBlock
+        for name in names:
             replace_module(backbone, name, wrapper(backbone.get_submodule(name), _width(backbone), self.settings))
         return None

@@ -15,6 +15,7 @@ import re
 import torch.nn as nn
 
 from mtpeft.errors import ConfigError
+from mtpeft.tuners.structure import is_linear
 
 ENCODER_TYPES = ("roberta", "bert", "xlm-roberta", "camembert", "electra", "t5", "mt5", "umt5")
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -43,15 +44,6 @@ ROLE_ALIASES = {"roberta": _BERT_ROLES, "bert": _BERT_ROLES, "xlm-roberta": _BER
                 "codegen": _CODEGEN_ROLES, "gpt_bigcode": _BIGCODE_ROLES, "starcoder2": _STARCODER2_ROLES}
 ALL_LINEAR = "all-linear"
 
-# The feed-forward block of each layer, for the parallel adapter: ``block(x)`` returns the MLP output.
-# BERT-style layers fold the residual and LayerNorm into ``output``, so they get their own wrapper.
-FFN_BLOCKS = {"t5": r".*DenseReluDense", "mt5": r".*DenseReluDense", "umt5": r".*DenseReluDense",
-              "roberta": r".*layer\.\d+\.output", "bert": r".*layer\.\d+\.output",
-              "xlm-roberta": r".*layer\.\d+\.output", "camembert": r".*layer\.\d+\.output",
-              "electra": r".*layer\.\d+\.output"}
-DECODER_FFN_BLOCK = r".*(layers|h)\.\d+\.mlp"  # Llama-style model.layers.N, GPT-style transformer.h.N
-
-
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "")
 
@@ -61,17 +53,13 @@ def is_encoder(config) -> bool:
     return getattr(config, "model_type", "") in ENCODER_TYPES
 
 
-def _linear_like(module: nn.Module) -> bool:
-    return hasattr(module, "in_features") and hasattr(module, "out_features")
-
-
 def _name_matches(name: str, target: str) -> bool:
     return name.rsplit(".", 1)[-1] == target or re.fullmatch(target, name) is not None
 
 
 def find_linears(model: nn.Module, targets: list, key: str, skip=()) -> list[str]:
     """Paths of the linear layers that ``targets`` name, literally or through the family's aliases."""
-    linears = {n: m for n, m in model.named_modules() if n and _linear_like(m) and not isinstance(m, skip)}
+    linears = {n: m for n, m in model.named_modules() if n and is_linear(m) and not isinstance(m, skip)}
     aliases = ROLE_ALIASES.get(model_type(model), {})
     found: set[str] = set()
     if ALL_LINEAR in targets:
@@ -89,15 +77,6 @@ def find_linears(model: nn.Module, targets: list, key: str, skip=()) -> list[str
     return sorted(found, key=_natural)
 
 
-def ffn_blocks(model: nn.Module) -> list[str]:
-    pattern = FFN_BLOCKS.get(model_type(model), DECODER_FFN_BLOCK)
-    names = [n for n, _ in model.named_modules() if n and re.fullmatch(pattern, n)]
-    if not names:
-        raise ConfigError(f"peft.method parallel_adapter: no feed-forward block found in this "
-                          f"{model_type(model) or 'model'} (looked for {pattern})")
-    return names
-
-
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_name, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -107,7 +86,7 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
 def peft_target_names(model: nn.Module, chosen: list[str]) -> list[str]:
     """Before wrapping: leaf names where every linear with that leaf is chosen (as HF peft configs
     read them), else the full paths of the chosen ones."""
-    all_linears = [n for n, m in model.named_modules() if n and _linear_like(m)]
+    all_linears = [n for n, m in model.named_modules() if n and is_linear(m)]
     out = []
     for leaf in sorted({c.rsplit(".", 1)[-1] for c in chosen}):
         with_leaf = [n for n in all_linears if n.rsplit(".", 1)[-1] == leaf]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mtpeft.errors import ConfigError
 from mtpeft.tuners.base import InputModule, Tuner, check_virtual_positions, peft_task_type
 from mtpeft.tuners.family import T5_TYPES, replace_module
+from mtpeft.tuners.structure import find_blocks
 from mtpeft.tuners.prompt import decoder_positions
 
 
@@ -148,9 +149,10 @@ class PrefixTuner(Tuner):
         if backbone.config.model_type in T5_TYPES:
             self.hf_peft = False
             module.carrier = PrefixCarrier()
-            for name, m in list(backbone.named_modules()):
-                if name.endswith("SelfAttention") and not isinstance(m, T5PrefixAttention):
-                    replace_module(backbone, name, T5PrefixAttention(m, module.carrier))
+            for block in find_blocks(backbone):
+                attention, parent = backbone.get_submodule(block.attention), block.attention.rpartition(".")[0]
+                if not isinstance(backbone.get_submodule(parent), T5PrefixAttention):
+                    replace_module(backbone, block.attention, T5PrefixAttention(attention, module.carrier))
         return module
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
