@@ -45,14 +45,18 @@ def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: in
     from mtpeft.config import load_config
 
     load_config(config, overrides)  # a config error is one line here, not one per rank
+    from mtpeft.launch.extension_lock import check_extension_locks
+
+    check_extension_locks()
     cmd = launcher_command(config, ranks, port, overrides)
     print("launching:", " ".join(cmd), flush=True)
     start = time.time()
     code = subprocess.call(cmd)
     wall = time.time() - start
     if code != 0:
-        print(f"error: the deepspeed launcher exited with status {code}; see the rank output above",
-              file=sys.stderr)
+        if code != 2:  # status 2: a rank printed its own error line already
+            print(f"error: the deepspeed launcher exited with status {code}; see the rank output above",
+                  file=sys.stderr)
         return 2 if code == 2 else 1
     metrics = json.loads((out / "metrics.json").read_text())
     beats = all(m["value"] > m["chance"] for m in metrics.values())

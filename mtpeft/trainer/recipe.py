@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mtpeft.config import RunConfig, dump_config
 from mtpeft.failed_writes import writing
+from mtpeft.launch.extension_lock import check_extension_locks
 from mtpeft.launch.nvme import fill_nvme_paths
 from mtpeft.trainer import checkpoint
 from mtpeft.trainer.build import build_model, load_tokenizer
@@ -30,6 +31,7 @@ from mtpeft.trainer.faults import NonFiniteGuard, Preemption, StepVote, collecti
 from mtpeft.trainer.loop import (build_optimizer, freeze_inactive_heads, init_distributed, is_collective_error,
                                  micro_batch, prepare_tasks, truncate_log, write_partition_report)
 from mtpeft.trainer.multitask_state import MultitaskState
+from mtpeft.trainer.resolved_targets import record_resolved_targets
 from mtpeft.trainer.resume_guard import check_same_run
 from mtpeft.trainer.run_log import RunLog
 
@@ -76,6 +78,8 @@ class Recipe:
         cfg = self.cfg
         if self.resume:
             check_same_run(cfg, self.run_dir)  # before config.yaml is rewritten; every rank reads the same files
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+            check_extension_locks()  # a lock left by a killed op build would hang the process group silently
         self.tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
         self.ctx = ctx = init_distributed(cfg.train.collective_timeout_s)
         ckpt_dir = self.run_dir / "checkpoints"
@@ -93,6 +97,8 @@ class Recipe:
         self.tok = load_tokenizer(cfg.model.name_or_path)
         self._call("before_model")
         self.model = build_model(cfg, self.ds_config)
+        if ctx.is_main:
+            record_resolved_targets(self.run_dir / "config.yaml", self.model.tuner, self.model.backbone.config.model_type)
         self._call("after_model")
         optimizer, scheduler = build_optimizer(self.model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -1,0 +1,88 @@
+"""DeepSpeed compiles some ops on first use (on CPU its shared-memory communication op, minutes on a
+busy machine) through torch's extension builder, which guards each build folder with an empty
+``lock`` file and waits, silently and forever, while one exists. A run killed during that build
+leaves the lock behind, and every later run hangs at start-up without a word.
+
+So before a run builds anything, local rank 0 looks for lock files in the torch-extensions cache
+(``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions/<python>_<accelerator>``). A lock that a
+process on this machine holds open is a build in progress (torch keeps the file open while it
+builds). A lock nobody here holds, in a folder nothing has written to for ``STALE_AFTER_S``, was
+left by a killed build: one error line names the file to remove. A younger one may be another
+node's build on a shared home folder: a note says what is being waited on. Building the op at
+install time would not help: a torch or DeepSpeed upgrade rebuilds it at the next run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from mtpeft.errors import LaunchError
+
+STALE_AFTER_S = 300.0
+
+
+def extensions_root() -> Path:
+    """Where torch's extension builder keeps its build folders (``<root>/<op>/``)."""
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if explicit:
+        return Path(explicit)
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def holders(lock: Path) -> list[int]:
+    """Processes on this machine that hold ``lock`` open (those we may look at)."""
+    target = os.path.realpath(lock)
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    found.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def _last_write(folder: Path) -> float:
+    times = []
+    for p in folder.iterdir():
+        try:
+            times.append(p.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=0.0)
+
+
+def check_extension_locks(root: Path | None = None, now: float | None = None,
+                          stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Raise LaunchError for a stale build lock; return the locks that are waited on (a note is printed)."""
+    root = extensions_root() if root is None else Path(root)
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    waiting = []
+    for lock in sorted(root.glob("*/lock")):
+        if holders(lock):
+            continue  # a build in progress on this machine; torch waits for it, as it should
+        idle = now - _last_write(lock.parent)
+        if idle > stale_after_s:
+            raise LaunchError(f"{lock}: a DeepSpeed op build was interrupted (nothing holds this lock and "
+                              f"{lock.parent} has not changed for {idle / 60:.0f} min), and every run would wait on "
+                              f"it forever; remove the file (rm {lock}) and rerun")
+        print(f"note: waiting for {lock} (a DeepSpeed op build); no process on this machine holds it: if no other "
+              f"node is building, remove it", file=sys.stderr, flush=True)
+        waiting.append(lock)
+    return waiting

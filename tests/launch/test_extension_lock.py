@@ -1,0 +1,77 @@
+"""A lock file left in the torch-extensions cache by a killed DeepSpeed op build: named in one error
+line before a run starts (it would otherwise wait on it forever); a build in progress is left alone."""
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from builders import demo_config_file
+from mtpeft.cli import main
+from mtpeft.errors import LaunchError
+from mtpeft.launch.extension_lock import check_extension_locks, extensions_root
+
+HOUR_AGO = time.time() - 3600
+
+
+def _fake_build(root: Path, op: str = "deepspeed_shm_comm", age_s: float = 3600) -> Path:
+    folder = root / op
+    folder.mkdir(parents=True)
+    (folder / "build.ninja").write_text("rule cxx\n")
+    lock = folder / "lock"
+    lock.touch()
+    for p in (folder / "build.ninja", lock):
+        os.utime(p, (time.time() - age_s, time.time() - age_s))
+    return lock
+
+
+def test_a_stale_lock_is_named(tmp_path):
+    lock = _fake_build(tmp_path)
+    with pytest.raises(LaunchError, match=rf"{lock}: a DeepSpeed op build was interrupted .*\(rm {lock}\)"):
+        check_extension_locks(tmp_path)
+    assert lock.exists()  # never removed for the user
+
+
+def test_a_lock_held_by_a_live_build_is_waited_on(tmp_path):
+    lock = _fake_build(tmp_path)
+    fd = os.open(lock, os.O_RDONLY)  # torch's builder keeps its lock open while it builds
+    try:
+        assert check_extension_locks(tmp_path) == []
+    finally:
+        os.close(fd)
+
+
+def test_a_young_lock_nobody_here_holds_is_a_note(tmp_path, capsys):
+    lock = _fake_build(tmp_path, age_s=5)
+    assert check_extension_locks(tmp_path) == [lock]
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: waiting for {lock}") and "error" not in err
+
+
+def test_the_root_follows_torch_extensions_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extensions_root() == tmp_path
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert extensions_root().name.startswith("py") and extensions_root().parent.name == "torch_extensions"
+
+
+def _hashes(folder: Path) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_a_run_stops_with_one_error_line_before_it_starts(tmp_path, capsys, monkeypatch, command):
+    cache = tmp_path / "extensions"
+    lock = _fake_build(cache)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = demo_config_file(tmp_path, output__dir=str(tmp_path / "run"))
+    before = _hashes(tmp_path)
+    argv = ["train", str(cfg)] if command == "train" else ["demo", "--config", str(cfg), "--out", str(tmp_path / "d")]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {lock}: a DeepSpeed op build"), err
+    assert _hashes(tmp_path) == before
+    assert not (tmp_path / "d").exists()
