@@ -52,6 +52,7 @@ class Tuner:
     name = ""
     planned_as = ""  # the method the memory planner models this one as, if not itself
     hf_peft = False
+    notice = ""  # set at injection when the default targets became all-linear (an unknown architecture)
 
     def __init__(self, settings, task_names: list[str]):
         self.settings = settings
@@ -63,6 +64,11 @@ class Tuner:
 
     def inject(self, backbone: nn.Module) -> Optional[InputModule]:
         raise NotImplementedError
+
+    def resolved_targets(self) -> dict:
+        """After ``inject``: the ``peft`` keys this method read, as resolved on the backbone (the
+        per-family names the defaults became); written beside the run's config and in the export."""
+        return {}
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Export key → trainable parameter of ``model`` (a MultitaskModel)."""
@@ -89,7 +95,9 @@ class Tuner:
     def manifest(self) -> dict:
         from dataclasses import asdict
 
-        return {"method": self.name, "format": "hf_peft" if self.hf_peft else "mtpeft", **asdict(self.settings)}
+        resolved = self.resolved_targets()
+        return {"method": self.name, "format": "hf_peft" if self.hf_peft else "mtpeft", **asdict(self.settings),
+                **({"resolved": resolved} if resolved else {})}
 
 
 ABSOLUTE_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "gpt_bigcode", "gpt2")

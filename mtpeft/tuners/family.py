@@ -5,7 +5,8 @@ Users name target projections the Llama way (``q_proj`` … ``down_proj``). A Ro
 ``qkv_proj`` (one fused projection for q, k and v) … ``fc_out``, GPT-BigCode (StarCoder) ``c_attn``
 (fused) … ``mlp.c_proj`` and StarCoder2 ``q_proj`` … ``mlp.c_proj``; a name that matches nothing
 literally is looked up here, so one config (and the defaults) works on every family. ``all-linear``
-names every linear layer of the stack except the LM head.
+names every linear layer of the stack except the LM head; it is what the defaults become on an
+architecture whose projections the Llama names do not reach (``default_or_all_linear``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ ROLE_ALIASES = {"roberta": _BERT_ROLES, "bert": _BERT_ROLES, "xlm-roberta": _BER
                 "electra": _BERT_ROLES, "t5": _T5_ROLES, "mt5": _T5_ROLES, "umt5": _T5_ROLES,
                 "codegen": _CODEGEN_ROLES, "gpt_bigcode": _BIGCODE_ROLES, "starcoder2": _STARCODER2_ROLES}
 ALL_LINEAR = "all-linear"
+LLAMA_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # gate_proj: gated MLPs only
 
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "")
@@ -75,6 +77,24 @@ def find_linears(model: nn.Module, targets: list, key: str, skip=()) -> list[str
         raise ConfigError(f"{key} {list(targets)} matched no linear layer of this {model_type(model) or 'model'}; "
                           f"it has: {', '.join(leaves)} (or use [{ALL_LINEAR}])")
     return sorted(found, key=_natural)
+
+
+def knows_roles(model: nn.Module) -> bool:
+    """Whether the default (Llama) role names reach every projection of this architecture: it has
+    them all, or its family has aliases for them."""
+    if model_type(model) in ROLE_ALIASES:
+        return True
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)}
+    return all(role in leaves for role in LLAMA_ROLES)
+
+
+def default_or_all_linear(model: nn.Module, targets: list, defaults: list, key: str) -> tuple[list, str]:
+    """``targets``, unless they are the defaults and this architecture is unknown: then ``all-linear``
+    and the one-line notice that says so (the tuner keeps it for the run to print)."""
+    if list(targets) != list(defaults) or knows_roles(model):
+        return list(targets), ""
+    return [ALL_LINEAR], (f"{key}: no default targets for a {model_type(model) or type(model).__name__} backbone; "
+                          f"using {ALL_LINEAR} (every linear layer but the LM head)")
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:

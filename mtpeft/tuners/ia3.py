@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
-from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
+from mtpeft.tuners.family import default_or_all_linear, find_linears, peft_target_names, replace_module
+from mtpeft.tuners.structure import find_blocks
 
 
 @dataclass
@@ -48,15 +49,23 @@ class IA3Tuner(Tuner):
     hf_peft = True
 
     def inject(self, backbone: nn.Module) -> None:
-        s: IA3Settings = self.settings
-        chosen = find_linears(backbone, s.target_modules, "peft.ia3_target_modules", skip=(IA3Linear,))
-        ff = set(find_linears(backbone, s.feedforward_modules, "peft.ia3_feedforward_modules")
-                 if s.feedforward_modules else []) & set(chosen)
+        s, defaults = self.settings, IA3Settings()
+        targets, self.notice = default_or_all_linear(backbone, s.target_modules, defaults.target_modules,
+                                                     "peft.ia3_target_modules")
+        chosen = find_linears(backbone, targets, "peft.ia3_target_modules", skip=(IA3Linear,))
+        if self.notice:  # all-linear: the feed-forward outputs scale their input, as down_proj does by default
+            ff = {b.ffn_out for b in find_blocks(backbone)} & set(chosen)
+        else:
+            ff = set(find_linears(backbone, s.feedforward_modules, "peft.ia3_feedforward_modules")
+                     if s.feedforward_modules else []) & set(chosen)
         self.peft_targets = peft_target_names(backbone, chosen)
         self.peft_feedforward = peft_target_names(backbone, sorted(ff)) if ff else []
         for name in chosen:
             replace_module(backbone, name, IA3Linear(backbone.get_submodule(name), name in ff))
         return None
+
+    def resolved_targets(self) -> dict:
+        return {"ia3_target_modules": self.peft_targets, "ia3_feedforward_modules": self.peft_feedforward}
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {f"base_model.model.{name}.ia3_l": m.ia3_l for name, m in model.backbone.named_modules()

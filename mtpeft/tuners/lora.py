@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
-from mtpeft.tuners.family import find_linears, peft_target_names, replace_module
+from mtpeft.tuners.family import default_or_all_linear, find_linears, peft_target_names, replace_module
 
 
 @dataclass
@@ -61,9 +61,16 @@ def lora_forward(base: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B:
     return base(x) + F.linear(F.linear(dropout(x), a), b) * scaling
 
 
+def lora_targets(model: nn.Module, settings: LoraSettings, key: str = "peft.target_modules",
+                 skip: tuple = ()) -> tuple[list, str]:
+    """The module paths LoRA (or MTL-LoRA) wraps, and a notice when the defaults became ``all-linear``."""
+    targets, notice = default_or_all_linear(model, settings.target_modules, LoraSettings().target_modules, key)
+    return find_linears(model, targets, key, skip=skip or (LoraLinear,)), notice
+
+
 def inject_lora(model: nn.Module, settings: LoraSettings, key: str = "peft.target_modules") -> list[str]:
     """Wrap every targeted linear of ``model`` in place; returns the wrapped module paths."""
-    wrapped = find_linears(model, settings.target_modules, key, skip=(LoraLinear,))
+    wrapped, _ = lora_targets(model, settings, key)
     for name in wrapped:
         replace_module(model, name, LoraLinear(model.get_submodule(name), settings.r, settings.alpha,
                                                settings.dropout))
@@ -92,10 +99,15 @@ class LoraTuner(Tuner):
     hf_peft = True
 
     def inject(self, backbone: nn.Module) -> None:
-        chosen = find_linears(backbone, self.settings.target_modules, "peft.target_modules", skip=(LoraLinear,))
+        chosen, self.notice = lora_targets(backbone, self.settings)
         self.peft_targets = peft_target_names(backbone, chosen)
-        inject_lora(backbone, self.settings)
+        for name in chosen:
+            replace_module(backbone, name, LoraLinear(backbone.get_submodule(name), self.settings.r,
+                                                      self.settings.alpha, self.settings.dropout))
         return None
+
+    def resolved_targets(self) -> dict:
+        return {"target_modules": self.peft_targets}
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return peft_state_dict(model.backbone)

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from mtpeft.tuners.base import TaskSelector, Tuner, WrappedLinear
-from mtpeft.tuners.family import find_linears, replace_module
-from mtpeft.tuners.lora import LoraSettings, lora_forward
+from mtpeft.tuners.family import peft_target_names, replace_module
+from mtpeft.tuners.lora import LoraSettings, lora_forward, lora_targets
 
 
 class MtlLoraLinear(WrappedLinear):
@@ -44,10 +44,15 @@ class MtlLoraTuner(Tuner):
     def inject(self, backbone: nn.Module) -> None:
         s: LoraSettings = self.settings
         self.selector = TaskSelector(self.task_names)
-        for name in find_linears(backbone, s.target_modules, "peft.target_modules", skip=(MtlLoraLinear,)):
+        chosen, self.notice = lora_targets(backbone, s, skip=(MtlLoraLinear,))
+        self.resolved = peft_target_names(backbone, chosen)
+        for name in chosen:
             replace_module(backbone, name, MtlLoraLinear(backbone.get_submodule(name), s.r, s.alpha, s.dropout,
                                                          self.selector))
         return None
+
+    def resolved_targets(self) -> dict:
+        return {"target_modules": self.resolved}
 
     def named_tensors(self, model: nn.Module) -> dict[str, nn.Parameter]:
         out = {}
