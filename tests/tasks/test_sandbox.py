@@ -113,15 +113,64 @@ def test_write_outside_the_work_dir_fails(tmp_path):
         assert r.status == "ok", r.stderr
         lines = r.stdout.splitlines()
         assert "ro" in r.isolation or os.geteuid() != 0  # as root the read-only view is always set up
-        if "ro" in r.isolation:
-            for line, target in zip(lines, targets):
-                assert line.startswith(f"blocked {target}")
-                assert not os.path.exists(target)
+        assert "landlock" in r.isolation  # and as any user Landlock refuses writes outside the work directory
+        for line, target in zip(lines, targets):
+            assert line.startswith(f"blocked {target}")
+            assert not os.path.exists(target)
         assert lines[3] == "wrote inside.txt"
         work = lines[4].split(" ", 1)[1]
         assert not os.path.exists(work)  # the private work directory is removed afterwards
     finally:
         shutil.rmtree(open_dir, ignore_errors=True)
+
+
+def test_reads_outside_its_own_folder_fail_and_normal_programs_still_run():
+    # World-readable file in a world-traversable folder: any uid could read it without Landlock
+    outside = tempfile.mkdtemp(prefix="mtpeft-test-secret-")
+    os.chmod(outside, 0o755)
+    secret = os.path.join(outside, "secret.txt")
+    with open(secret, "w") as f:
+        f.write("the test's secret")
+    os.chmod(secret, 0o644)
+    code = textwrap.dedent(
+        f"""
+        import decimal, json, os, sqlite3, subprocess, sys
+        for path in [{secret!r}, "/etc/passwd", {os.path.abspath(__file__)!r}]:
+            try:
+                print("read", path, open(path).read()[:5])
+            except OSError as exc:
+                print("blocked", path, type(exc).__name__)
+        try:
+            print("listed", os.listdir({outside!r}))
+        except OSError as exc:
+            print("blocked listing", type(exc).__name__)
+        with open("own.txt", "w") as f:
+            f.write("mine")
+        print("own", open("own.txt").read(), open(sys.argv[0]).read().strip()[:6])
+        print(json.dumps([str(decimal.Decimal(1) / 8), sqlite3.sqlite_version_info[0]]))
+        print(subprocess.run(["cat", {secret!r}], capture_output=True).returncode != 0)
+        """
+    )
+    try:
+        r = run_program(code)
+        assert r.status == "ok", r.stderr
+        assert "landlock" in r.isolation
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"blocked {secret} PermissionError"
+        assert lines[1] == "blocked /etc/passwd PermissionError"
+        assert lines[2].startswith("blocked ") and lines[3] == "blocked listing PermissionError"
+        assert lines[4] == "own mine import"
+        assert lines[5] == '["0.125", 3]' and lines[6] == "True"  # extension modules load; a child is confined too
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_without_landlock_the_sandbox_refuses_to_start(monkeypatch):
+    from mtpeft.tasks import landlock
+
+    monkeypatch.setattr(landlock, "abi_version", lambda: 0)
+    with pytest.raises(OSError, match="Landlock is not available"):
+        landlock.Ruleset()
 
 
 def test_network_connection_fails():
