@@ -10,7 +10,10 @@ peft, ``tasks.json`` under ``peft.resolved``). The notice of an all-linear fallb
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from mtpeft.failed_writes import writing
 
 MARK = "# resolved on this backbone"
 
@@ -33,6 +36,8 @@ def record_resolved_targets(config_path: Path, tuner, model_type: str) -> None:
     block = resolved_block(tuner, model_type)
     if not block:
         return
-    text = config_path.read_text()
-    text = text.split(MARK, 1)[0].rstrip("\n") + "\n"
-    config_path.write_text(text + block)
+    text = config_path.read_text().split(MARK, 1)[0].rstrip("\n") + "\n"
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    with writing(config_path):  # through a temporary name, as the config itself is written
+        tmp.write_text(text + block)
+        os.replace(tmp, config_path)
