@@ -60,7 +60,7 @@ def bleu_sacrebleu(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 BLEU_CONVENTIONS: dict[str, Convention] = {
-    "study": Convention(bleu_study, "CodeXGLUE text-to-code bleu.py (the code-generation study's): whitespace "
+    "study": Convention(bleu_study, "CodeXGLUE text-to-code bleu.py, the code-generation study's: whitespace "
                                     "tokens, add-one smoothing on every order"),
     "sacrebleu": Convention(bleu_sacrebleu, f"sacrebleu {sacrebleu.__version__} corpus BLEU, 13a tokenizer, "
                                             f"exp smoothing"),

@@ -89,8 +89,8 @@ def codebleu_package(preds: Sequence[str], refs: Sequence[str]) -> dict:
 
 
 CODEBLEU_CONVENTIONS: dict[str, Convention] = {
-    "codexglue": Convention(codebleu_codexglue, "CodeXGLUE calc_code_bleu.py on flattened samples (the "
-                                                "code-generation study's)"),
-    "package": Convention(codebleu_package, "the codebleu package's calc_codebleu on the multi-line code "
-                                            "(a data-flow score of 0 counts as 1)"),
+    "codexglue": Convention(codebleu_codexglue, "CodeXGLUE calc_code_bleu.py on flattened samples, the "
+                                                "code-generation study's"),
+    "package": Convention(codebleu_package, "the codebleu package's calc_codebleu on the multi-line code, "
+                                            "a data-flow score of 0 counted as 1"),
 }

@@ -140,9 +140,9 @@ class Generate(TaskKind):
         out.update({f"em@{k}": em_at_k(cands, refs, k) for k in EM_AT if k <= beams})
         out["codebleu"] = codebleu.score(best, refs)["codebleu"]
         out["convention"] = (f"{'greedy decoding' if beams == 1 else f'beam search, {beams} beams'}; exact match "
-                             f"after newlines and tabs become spaces (the code-generation study's); BLEU "
-                             f"{self.bleu}: {bleu.summary}; CodeBLEU {self.codebleu}: {codebleu.summary}; "
-                             f"of the best candidate")
+                             f"after newlines and tabs become spaces (the code-generation study's); of the best "
+                             f"candidate, BLEU {self.bleu} ({bleu.summary}) and CodeBLEU {self.codebleu} "
+                             f"({codebleu.summary})")
         return out
 
 
