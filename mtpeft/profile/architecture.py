@@ -1,6 +1,7 @@
-"""Exact parameter counts of a causal LM from its config alone.
+"""Exact parameter counts of a backbone from its config alone.
 
-The model is built with ``AutoModelForCausalLM.from_config`` on the meta device, so a 34B
+The model is built on the meta device as the trainer loads it (a causal LM with
+``AutoModelForCausalLM``; an encoder, RoBERTa-style or a T5 encoder, without an LM head), so a 34B
 architecture costs no memory and the counts come from the real transformers module tree (not from
 a formula that drifts when a family adds biases, GQA or tied heads). Parameters are split by what
 the planner does with them: decoder-block linears are quantizable (4-bit), everything else
@@ -17,9 +18,12 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 from torch import nn
 
-from mtpeft.errors import UserError
+from mtpeft.errors import ConfigError, UserError
+from mtpeft.tuners.family import T5_TYPES, is_encoder
+from mtpeft.tuners.structure import block_list
 
-ARCHS_DIR = Path(__file__).resolve().parent / "archs"
+ARCHS_DIR = Path(__file__).resolve().parent / "archs"  # the shipped architectures: one file per name
+SOURCE_KEY = "mtpeft_source"  # where a shipped file's values were read (not a transformers key)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Architecture:
     lm_head_params: int
     other_params: int
     tied_lm_head: bool
+    encoder: bool
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -56,6 +61,8 @@ class Architecture:
     max_positions: int
     gated_mlp: bool
     block_linears: List[LinearShape] = field(default_factory=list)
+    ia3_vectors: List[Tuple[int, bool]] = field(default_factory=list)
+    """Per block, IA3's default scaling vectors as the trainer resolves them: (length, scales the input)."""
     block_norm_params: int = 0
     tensors: List[Tuple[str, int, int]] = field(default_factory=list)
     """Every parameter tensor once: (kind, numel, layer index or -1). ZeRO-3 pads per tensor."""
@@ -99,24 +106,24 @@ def load_config_dict(name_or_path: Union[str, Path]) -> Tuple[str, Dict[str, Any
 
 def build_meta_model(config_dict: Dict[str, Any], source: str = "config") -> nn.Module:
     """The real transformers model with every tensor on the meta device (no memory, no init)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5EncoderModel
 
-    data = dict(config_dict)
+    data = {k: v for k, v in config_dict.items() if k != SOURCE_KEY}
     try:
         config = AutoConfig.for_model(**data)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            if not is_encoder(config):
+                return AutoModelForCausalLM.from_config(config)
+            return T5EncoderModel(config) if config.model_type in T5_TYPES else AutoModel.from_config(config)
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{source}: transformers cannot build a causal LM from it ({exc})") from None
+        raise UserError(f"{source}: transformers cannot build a decoder LM or an encoder from it ({exc})") from None
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and any(
-            isinstance(m, nn.Linear) for m in module[0].modules()
-        ):
-            return module
-    raise UserError(f"{type(model).__name__}: no decoder layer list found; only decoder-only LMs are supported")
+    try:
+        return block_list(model)[1]
+    except ConfigError as exc:
+        raise UserError(f"{type(model).__name__}: {exc}") from None
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -155,13 +162,14 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
             tensors.append((kind, p.numel(), layer_of.get(id(p), -1)))
     cfg = model.config
     block = layers[0]
+    ia3_vectors = _ia3_vectors(model, block)
     linears = [
         LinearShape(n, m.in_features, m.out_features, m.bias is not None)
         for n, m in block.named_modules()
         if isinstance(m, nn.Linear)
     ]
     heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // heads)
     return Architecture(
         name=name,
         config=cfg,
@@ -173,20 +181,38 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
         lm_head_params=kinds["head"],
         other_params=kinds["other"],
         tied_lm_head=tied,
+        encoder=is_encoder(cfg),
         num_layers=len(layers),
         hidden_size=int(cfg.hidden_size),
         intermediate_size=int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+                              or getattr(cfg, "d_ff", None)  # T5
                               or 4 * cfg.hidden_size),  # GPT-style configs (CodeGen): n_inner, None = 4h
         num_heads=heads,
-        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None)
+                         or (1 if getattr(cfg, "multi_query", False) else heads)),  # GPT-BigCode: one kv head
         head_dim=head_dim,
         vocab_size=int(cfg.vocab_size),
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
         gated_mlp=any(s.name.endswith("gate_proj") for s in linears),
         block_linears=linears,
+        ia3_vectors=ia3_vectors,
         block_norm_params=sum(p.numel() for m in block.modules() if _is_norm(m) for p in m.parameters(False)),
         tensors=tensors,
     )
+
+
+def _ia3_vectors(model: nn.Module, block: nn.Module) -> List[Tuple[int, bool]]:
+    """IA3's default targets in the first block, resolved by the tuner's own rule (per-family names)."""
+    from mtpeft.tuners.ia3 import IA3Settings, ia3_targets
+
+    chosen, ff, _ = ia3_targets(model, IA3Settings())
+    paths = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for m in block.modules():
+        path = paths.get(id(m))
+        if path in chosen:
+            out.append((m.in_features, True) if path in ff else (m.out_features, False))
+    return out
 
 
 def load_architecture(name_or_path: Union[str, Path]) -> Architecture:

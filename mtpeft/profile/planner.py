@@ -138,11 +138,9 @@ def _lora_targets(arch: Architecture, peft: PeftSpec) -> list:
 
 
 def _ia3_targets(arch: Architecture) -> List[Tuple[int, bool]]:
-    """(vector length, scales the input) for HF peft's defaults: k, v outputs and the MLP down input."""
-    by_leaf = {s.name.rsplit(".", 1)[-1]: s for s in arch.block_linears}
-    down = by_leaf.get("down_proj") or by_leaf.get("c_proj")
-    out = [(by_leaf[k].out_features, False) for k in ("k_proj", "v_proj") if k in by_leaf]
-    return out + ([(down.in_features, True)] if down else [])
+    """(vector length, scales the input) per block for the trainer's defaults: k, v outputs and the MLP
+    down input, under each family's names (``Architecture.ia3_vectors``)."""
+    return list(arch.ia3_vectors)
 
 
 def peft_tensors(arch: Architecture, peft: PeftSpec) -> List[int]:
@@ -296,7 +294,9 @@ def activation_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:
     final_norm = 4 * T * h + 4 * T
     stored_ckpt = arch.num_layers * 2 * T * h + layer
     stored_full = arch.num_layers * layer
-    if s.logits_chunk:
+    if arch.encoder:  # pooled heads only: no vocabulary logits
+        logits_loss = logits_bwd = 0
+    elif s.logits_chunk:
         c = min(s.logits_chunk, T)
         logits_loss, logits_bwd = 8 * c * V, 8 * c * V
     else:

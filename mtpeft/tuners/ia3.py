@@ -44,20 +44,25 @@ class IA3Linear(WrappedLinear):
         return self.base(x) * scale
 
 
+def ia3_targets(backbone: nn.Module, s: IA3Settings, skip: tuple = ()) -> tuple[list[str], set[str], str]:
+    """(scaled module paths, those that scale their input, notice); the memory planner reads it too."""
+    targets, notice = default_or_all_linear(backbone, s.target_modules, IA3Settings().target_modules,
+                                            "peft.ia3_target_modules")
+    chosen = find_linears(backbone, targets, "peft.ia3_target_modules", skip=skip or (IA3Linear,))
+    if notice:  # all-linear: the feed-forward outputs scale their input, as down_proj does by default
+        ff = {b.ffn_out for b in find_blocks(backbone)} & set(chosen)
+    else:
+        ff = set(find_linears(backbone, s.feedforward_modules, "peft.ia3_feedforward_modules")
+                 if s.feedforward_modules else []) & set(chosen)
+    return chosen, ff, notice
+
+
 class IA3Tuner(Tuner):
     name = "ia3"
     hf_peft = True
 
     def inject(self, backbone: nn.Module) -> None:
-        s, defaults = self.settings, IA3Settings()
-        targets, self.notice = default_or_all_linear(backbone, s.target_modules, defaults.target_modules,
-                                                     "peft.ia3_target_modules")
-        chosen = find_linears(backbone, targets, "peft.ia3_target_modules", skip=(IA3Linear,))
-        if self.notice:  # all-linear: the feed-forward outputs scale their input, as down_proj does by default
-            ff = {b.ffn_out for b in find_blocks(backbone)} & set(chosen)
-        else:
-            ff = set(find_linears(backbone, s.feedforward_modules, "peft.ia3_feedforward_modules")
-                     if s.feedforward_modules else []) & set(chosen)
+        chosen, ff, self.notice = ia3_targets(backbone, self.settings)
         self.peft_targets = peft_target_names(backbone, chosen)
         self.peft_feedforward = peft_target_names(backbone, sorted(ff)) if ff else []
         for name in chosen:
