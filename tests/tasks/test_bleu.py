@@ -38,8 +38,12 @@ def test_study_bleu_equals_the_codexglue_script():
 
 
 def test_study_bleu_smooths_unigrams_too_and_scores_empty_as_zero():
-    # "a b" vs "a c": 1..4-gram matches 1/2, 0/1, 0/0, 0/0, each plus one: (2/3 · 1/2 · 1 · 1)^(1/4)
+    # "a b" vs "a c": 1..4-gram matches 1/2, 0/1, 0/0, 0/0, each plus one: (2/3 · 1/2 · 1 · 1)^(1/4);
+    # the script printed 0.7598356856515925
     assert bleu_study(["a b"], ["a c"]) == pytest.approx((2 / 3 * 1 / 2) ** 0.25)
+    assert bleu_study(["a b"], ["a c"]) == pytest.approx(0.7598356856515925, rel=1e-12)
+    # no token right: (1/2 · 1 · 1 · 1)^(1/4), the script's 0.8408964152537145 (NLTK-style BLEU gives 0)
+    assert bleu_study(["bar"], ["foo"]) == pytest.approx(0.8408964152537145, rel=1e-12)
     assert bleu_study([""], ["a b"]) == 0.0  # the script divides by zero here
 
 
