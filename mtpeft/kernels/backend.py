@@ -81,9 +81,15 @@ def fused_max_m() -> int:
     return value
 
 
-def nf4_path(m: int) -> str:
-    """``"fused"`` or ``"dequant"``: which Triton path the 4-bit linear layer takes for M rows."""
+def nf4_path(m: int, dtype: torch.dtype) -> str:
+    """``"fused"`` or ``"dequant"``: which Triton path the 4-bit linear layer takes for M rows.
+
+    fp32 activations always take the dequant path when compiled: the fused kernels' fp32 variants
+    (IEEE products on FFMA, no tensor cores) spill thousands of bytes per thread on sm_90a, and fp32
+    work is cuBLAS SGEMM's. Under the interpreter ``fused`` still forces them, to test their math."""
     mode = kernel_mode()
+    if dtype == torch.float32 and not interpreter_enabled():
+        return "dequant"
     if mode in ("fused", "dequant"):
         return mode
     return "fused" if m <= fused_max_m() else "dequant"

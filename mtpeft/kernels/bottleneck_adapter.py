@@ -34,16 +34,19 @@ from mtpeft.kernels.bottleneck_adapter_reference import (
 _ACT_IDS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner may pick; checked by the static
+# gate like the NF4 kernels' (tests/kernels/test_kernel_static_gate.py).
+ADAPTER_TILES = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
+    (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
+]
+
+
 def _configs() -> list:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
-            (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
-        ]
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ADAPTER_TILES]
 
 
 @triton.jit
@@ -77,7 +80,7 @@ def _activation_grad(z, ACT: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
-def _gemm_epilogue_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
+def adapter_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
                           M, N, K, M_BUCKET,
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           stride_zm, stride_zn, stride_rm, stride_rn,
@@ -136,7 +139,7 @@ def _gemm(a, b, *, bias=None, act=0, z=None, store_pre=False, act_grad=0, residu
         return (c, z_arg) if store_pre else c
     res = residual if residual is not None else c
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _gemm_epilogue_kernel[grid](
+    adapter_gemm_kernel[grid](
         a, b, c, bias if bias is not None else c, z_arg, res, float(scale),
         m, n, k, max(16, triton.next_power_of_2(m)),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),

@@ -41,11 +41,12 @@ NUM_WARPS = 4
 
 @triton.jit
 def nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                       row_scale_ptr, out_ptr, numel, row_len,
+                       row_scale_ptr, out_ptr, numel, nbytes, row_len,
                        BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       HAS_ROW_SCALE: tl.constexpr, BYTES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    nbytes = (numel + 1) // 2
+                       HAS_ROW_SCALE: tl.constexpr, ROWS_HOLD_BLOCKS: tl.constexpr, BYTES: tl.constexpr):
+    pid = tl.program_id(0)  # int32 offsets: the launcher refuses weights of 2**31 elements
+    # nbytes = ceil(numel / 2) is an argument, not computed here: the launcher marks it divisible by
+    # 16 when it is, which is what lets the masked byte load compile to one 16-byte load per thread.
     offs = pid * BYTES + tl.arange(0, BYTES)
     byte = tl.load(packed_ptr + offs, mask=offs < nbytes, other=0).to(tl.int32)
     code = tl.load(code_ptr + tl.arange(0, 16))
@@ -60,10 +61,13 @@ def nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax
         absmax = absmax + absmax_offset
     else:
         absmax = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)
-    w = tl.reshape(tl.reshape(value, (NB, BLOCKSIZE)) * absmax[:, None], (2 * BYTES,))
+    w = tl.reshape(value, (NB, BLOCKSIZE)) * absmax[:, None]
+    if HAS_ROW_SCALE and ROWS_HOLD_BLOCKS:  # each NF4 block inside one row: one row index per block
+        w = w * tl.load(row_scale_ptr + blocks * BLOCKSIZE // row_len, mask=block_ok, other=0.0)[:, None]
+    w = tl.reshape(w, (2 * BYTES,))
     flat = pid * 2 * BYTES + tl.arange(0, 2 * BYTES)
     ok = flat < numel
-    if HAS_ROW_SCALE:
+    if HAS_ROW_SCALE and not ROWS_HOLD_BLOCKS:
         w = w * tl.load(row_scale_ptr + flat // row_len, mask=ok, other=0.0)
     tl.store(out_ptr + flat, cast(w, out_ptr.dtype.element_ty), mask=ok)
 
@@ -101,9 +105,11 @@ def nf4_dequant_triton(q: NF4Weight, dtype: torch.dtype = torch.bfloat16, out: O
     scale = row_scale.float().contiguous() if row_scale is not None else out
     per_program = bytes_per_program(q.blocksize)
     grid = (triton.cdiv((n + 1) // 2, per_program),)
-    nf4_dequant_kernel[grid](*quant_kernel_args(q, device), scale, out, n, row_len, BLOCKSIZE=q.blocksize,
+    nf4_dequant_kernel[grid](*quant_kernel_args(q, device), scale, out, n, (n + 1) // 2, row_len,
+                             BLOCKSIZE=q.blocksize,
                              NESTED_BLOCK=NESTED_BLOCKSIZE, DOUBLE_QUANT=q.double_quant,
-                             HAS_ROW_SCALE=row_scale is not None, BYTES=per_program,
+                             HAS_ROW_SCALE=row_scale is not None, ROWS_HOLD_BLOCKS=row_len % q.blocksize == 0,
+                             BYTES=per_program,
                              num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 

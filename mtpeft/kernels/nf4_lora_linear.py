@@ -28,20 +28,23 @@ from mtpeft.kernels.nf4_lora_linear_reference import (WeightSource, check_weight
                                                       resolve_weight)
 from mtpeft.quant.nf4_format import NF4Weight
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner may pick: every one compiles for
+# sm_90a without spills and within shared memory, with wgmma from BLOCK_M = 64 up (the static gate,
+# tests/kernels/test_kernel_static_gate.py; the table: bench/sass_report.py).
+# Dropped by the gate: 128×256×64 (239,616 B of shared memory), 128×128×64 at 4 warps, 16×64×256 and
+# 32×32×256 (their dx variants spill).
+GEMM_TILES = [
+    (128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (32, 64, 128, 4, 4),
+]
+
+
 def _gemm_configs() -> list:
     if interpreter_enabled():
         # 64-wide tiles so the tests reach the blocksize-aligned absmax path (K a multiple of 64).
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
-    cfg = []
-    for bm, bn, bk, w, s in [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
-        (32, 64, 128, 4, 4), (32, 32, 256, 4, 3),
-    ]:
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=w, num_stages=s))
-    return cfg
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in GEMM_TILES]
 
 
 def _prune_by_m(configs, named_args, **kwargs):
@@ -109,7 +112,7 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_pt
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
-def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
+def nf4_lora_fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
                 packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
                 lora_scale, M, N, K, R, M_BUCKET, row_bytes,
                 stride_xm, stride_xk, stride_am, stride_ar, stride_bn, stride_br, stride_ym, stride_yn,
@@ -158,7 +161,7 @@ def _fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
-def _dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
+def nf4_lora_dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,
                packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
                M, N, K, R, M_BUCKET, row_bytes,
                stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
@@ -238,7 +241,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         qargs = quant_kernel_args(qweight, x.device)
         if m > 0:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-            _fwd_kernel[grid](
+            nf4_lora_fwd_kernel[grid](
                 x2, xa if has_lora else x2, b_cast if has_lora else x2, y, ypre,
                 bias if bias is not None else y, ia3 if ia3 is not None else y, *qargs,
                 scaling, m, n, k, r, _m_bucket(m), k // 2,
@@ -297,7 +300,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
                 q = resolve_weight(ctx.source)  # only dx reads the weight
                 qargs = quant_kernel_args(q, dy2.device)
                 grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
-                _dx_kernel[grid](
+                nf4_lora_dx_kernel[grid](
                     dy2, g_scaled if lora_tail else dy2, a_cast if lora_tail else dy2, dx,
                     ia3 if ia3 is not None else dy2, *qargs,
                     m, n, k, r, _m_bucket(m), k // 2,
@@ -340,6 +343,6 @@ def nf4_lora_linear(
         raise ValueError(f"nf4_lora_linear: lora_x has shape {tuple(lora_x.shape)}, x {tuple(x.shape)}")
     if use_triton(x.device):
         rows = x.numel() // max(1, x.shape[-1])
-        op = NF4LoRALinearFunction if nf4_path(rows) == "fused" else DequantNF4LoRALinearFunction
+        op = NF4LoRALinearFunction if nf4_path(rows, x.dtype) == "fused" else DequantNF4LoRALinearFunction
         return op.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
     return nf4_lora_linear_reference(x, qweight, lora_A, lora_B, scaling, bias, ia3, lora_x)
