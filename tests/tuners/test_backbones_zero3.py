@@ -80,3 +80,14 @@ def test_each_rank_holds_half_of_the_4bit_base_and_the_run_finishes(runs):
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics and all(math.isfinite(m["value"]) for m in metrics.values())
     assert (two / "export" / "tasks.json").is_file()
+
+
+def test_the_run_records_the_targets_the_defaults_became(runs):
+    two, _ = runs
+    text = (two / "config.yaml").read_text()
+    if "codegen" not in two.parent.name:
+        assert "# resolved on this backbone" not in text  # the serial adapter has no target list
+        return
+    assert '#   peft.target_modules: ["fc_in", "fc_out", "out_proj", "qkv_proj"]' in text
+    adapter = json.loads((two / "export" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["fc_in", "fc_out", "out_proj", "qkv_proj"]
