@@ -54,8 +54,9 @@ def test_sacrebleu_convention_by_hand():
     assert not math.isclose(bleu_sacrebleu(PREDS, REFS), bleu_study(PREDS, REFS), rel_tol=0.1)
 
 
-def test_config_takes_every_bleu_and_codebleu_convention_and_names_them_on_a_typo(tmp_path):
+def test_config_takes_every_bleu_and_codebleu_convention_and_names_them_on_a_typo(tmp_path, capsys):
     from distributed import tiny_config
+    from mtpeft.cli import main
     from mtpeft.config import load_config
     from mtpeft.errors import ConfigError
     from mtpeft.tasks.codebleu import CODEBLEU_CONVENTIONS
@@ -73,3 +74,6 @@ def test_config_takes_every_bleu_and_codebleu_convention_and_names_them_on_a_typ
             load_config(path, [f"tasks.codegen.{key}=bleurt"])
         msg = str(err.value)
         assert f"tasks[3].{key} must be one of {', '.join(registry)}, got 'bleurt'" in msg and "\n" not in msg
+        assert main(["train", str(path), "--set", f"tasks.codegen.{key}=bleurt"]) == 2  # the CLI's error path
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and f"tasks[3].{key} must be one of" in lines[0]
