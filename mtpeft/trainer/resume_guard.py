@@ -17,7 +17,7 @@ from mtpeft.trainer.checkpoint import latest_tag
 
 FREE_ON_RESUME = (
     r"train\.(max_steps|eval_every|save_every|keep_checkpoints|max_bad_steps|collective_timeout_s|transfer_every)",
-    r"tasks\.[^.]+\.(eval|max_eval_examples|max_new_tokens)",
+    r"tasks\.[^.]+\.(eval|max_eval_examples|max_new_tokens|bleu|codebleu|top_k)",  # evaluation only
     r"output\.dir",
 )
 

@@ -52,7 +52,9 @@ def test_removed_task_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["train.max_steps=20", "train.eval_every=4", "train.collective_timeout_s=60",
-                                    "tasks.codegen.max_new_tokens=12", "tasks.0.max_eval_examples=5"])
+                                    "tasks.codegen.max_new_tokens=12", "tasks.0.max_eval_examples=5",
+                                    "tasks.codegen.bleu=sacrebleu", "tasks.codegen.codebleu=package",
+                                    "tasks.search.top_k=100"])
 def test_free_keys_may_change(tmp_path, change):
     config, run = _run_with_checkpoint(tmp_path)
     check_same_run(load_config(config, [f"output.dir={run}", change]), run)
