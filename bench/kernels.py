@@ -1,14 +1,19 @@
-"""Side-by-side GPU benchmark of the fused NF4 + LoRA linear (issue 3, part 5).
+"""Side-by-side GPU benchmark of the 4-bit + LoRA linear layer, every path (issues 3 and 10).
 
-One run: first a correctness check on the GPU (fused op and bottleneck adapter against float64
-math; fused vs bitsandbytes + peft on every timed shape), then, per shape and for forward and
-forward+backward, the median of CUDA-event timings (L2 flushed before each timed call) of
+One run: first a correctness check on the GPU (every path and the bottleneck adapter against
+float64 math; mtpeft vs bitsandbytes + peft on every timed shape), then, per shape, for forward,
+forward+backward, and forward+backward with LoRA dropout 0.05, the median of CUDA-event timings
+(L2 flushed before each timed call) of
   (a) bare bf16 ``torch.matmul`` of the same shape: the floor (fwd+bwd: only the y and dx GEMMs),
   (b) bitsandbytes ``Linear4bit`` (nf4, double quant, bf16 compute) wrapped by HF peft LoRA,
-  (c) ``mtpeft.kernels.nf4_lora_linear``.
-LoRA weights are bf16 in (b) and (c) (peft's fp32 adapter default would slow (b) for a reason
-unrelated to the kernels). Prints a table with c/a and b/c, the FLOP and bytes-moved floors, and
-writes ``results.json`` and ``results.md`` to ``--out``.
+  (c) ``mtpeft.kernels.nf4_lora_linear`` as dispatched (fused kernels up to
+      MTPEFT_NF4_FUSED_MAX_M rows, dequant + cuBLAS above),
+  (d) the fused path forced (``MTPEFT_KERNELS=fused``), (e) the dequant path forced.
+LoRA weights are bf16 in (b)-(e) (peft's fp32 adapter default would slow (b) for a reason
+unrelated to the kernels); dropout is ``torch.nn.functional.dropout`` feeding the LoRA branch, as
+the tuners do. Prints a table with c/a and b/c, the FLOP and bytes-moved floors, the measured
+crossover between (d) and (e), and writes ``results.json`` and ``results.md`` to ``--out``. The
+1B-shaped end-to-end step is ``bench/e2e_step.py``.
 
     python bench/kernels.py --out runs/bench_kernels          # full grid
     python bench/kernels.py --quick --out runs/bench_quick    # one shape
@@ -25,8 +30,14 @@ import statistics
 import sys
 import time
 
-MS = (16, 512, 8192)
-KNS = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 22016))
+# This file is called kernels.py: as a script its folder comes first on sys.path, where it would
+# shadow the `kernels` package that bitsandbytes looks for. Drop the folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+MS = (16, 128, 1024, 8192)
+KNS = ((4096, 4096), (11008, 4096), (4096, 11008))  # (K, N): attention, MLP down, MLP up of a 7B
+DROPOUT = 0.05
 RANK = 16
 ALPHA = 32
 QUICK = ((512, 4096, 4096),)
@@ -39,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench_kernels", help="folder for results.json and results.md")
     p.add_argument("--quick", action="store_true", help="one shape (M=512, K=N=4096) instead of the full grid")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per measurement (autotuning happens here)")
-    p.add_argument("--iters", type=int, default=30, help="timed calls per measurement; the median is reported")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement; the median is reported")
     p.add_argument("--skip-check", action="store_true", help="time even if the correctness check fails")
     p.add_argument("--graphs", action="store_true",
                    help="time CUDA-graph replays (GPU time without Python launch overhead, as a decode loop "
@@ -136,9 +147,13 @@ def check_correctness(torch, dev: str) -> list[str]:
 
     failures = []
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-    for dtype in (torch.float32, torch.bfloat16):
-        for dq in (True, False):
-            m, k, n, r, s = 37, 200, 129, 7, 0.75
+    configured = os.environ.get("MTPEFT_KERNELS")
+    cases = [(dtype, dq, path, m, k) for dtype in (torch.float32, torch.bfloat16) for dq in (True, False)
+             for path in ("fused", "dequant") for m, k in ((37, 200), (16, 256), (300, 256))]
+    for dtype, dq, path, m, k in cases:
+        os.environ["MTPEFT_KERNELS"] = path
+        if True:
+            n, r, s = 129, 7, 0.75
             w = torch.randn(n, k, device=dev).to(dtype)
             packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=dq)
             q, w_deq = from_bnb(packed, state), bnbf.dequantize_4bit(packed, state).double()
@@ -158,7 +173,11 @@ def check_correctness(torch, dev: str) -> list[str]:
             errs.update({"d" + key: rel_err(t.grad, c[key].grad) for key, t in leaves.items()})
             bad = {key: f"{e:.2e}" for key, e in errs.items() if not e <= tol[dtype]}
             if bad:
-                failures.append(f"nf4_lora_linear {dtype} double_quant={dq}: {bad}")
+                failures.append(f"nf4_lora_linear {path} {dtype} double_quant={dq} M={m} K={k}: {bad}")
+    if configured is None:
+        os.environ.pop("MTPEFT_KERNELS", None)
+    else:
+        os.environ["MTPEFT_KERNELS"] = configured
     for dtype in (torch.float32, torch.bfloat16):
         for activation in ("relu", "gelu", "gelu_tanh", "silu"):
             h = torch.randn(37, 129, device=dev).to(dtype).requires_grad_()
@@ -190,6 +209,24 @@ def floors(m: int, k: int, n: int, r: int) -> dict:
     }
 
 
+def with_kernels(path, fn):
+    """``fn`` run with MTPEFT_KERNELS set to ``path`` (None: as configured)."""
+    def run():
+        previous = os.environ.get("MTPEFT_KERNELS")
+        if path is not None:
+            os.environ["MTPEFT_KERNELS"] = path
+        try:
+            return fn()
+        finally:
+            if path is not None:
+                if previous is None:
+                    os.environ.pop("MTPEFT_KERNELS", None)
+                else:
+                    os.environ["MTPEFT_KERNELS"] = previous
+    run.__name__ = getattr(fn, "__name__", "fn") + (f"[{path}]" if path else "")
+    return run
+
+
 def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
     from mtpeft.kernels import nf4_lora_linear
     from mtpeft.quant import from_params4bit
@@ -203,6 +240,7 @@ def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     xg = x.clone().requires_grad_()
     dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    drop = torch.nn.functional.dropout
 
     y_b = model(xg)
     y_b.backward(dy)
@@ -227,28 +265,44 @@ def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
         xg.grad = None
         model(xg).backward(dy)
 
-    def fused_fwd():
+    def ours_fwd():
         with torch.no_grad():
             nf4_lora_linear(x, q, a, b, s)
 
-    def fused_fwdbwd():
+    def ours_fwdbwd():
         xg.grad = None
         nf4_lora_linear(xg, q, a, b, s).backward(dy)
 
+    def ours_fwdbwd_dropout():
+        xg.grad = None
+        nf4_lora_linear(xg, q, a, b, s, lora_x=drop(xg, DROPOUT, True)).backward(dy)
+
     fl = floors(m, k, n, RANK)
     rows = []
-    for mode, fns in (("fwd", (floor_fwd, bnb_fwd, fused_fwd)), ("fwd+bwd", (floor_fwdbwd, bnb_fwdbwd, fused_fwdbwd))):
-        kinds, times = [], []
-        for fn in fns:
+    plans = (("fwd", 0.0, floor_fwd, bnb_fwd, ours_fwd), ("fwd+bwd", 0.0, floor_fwdbwd, bnb_fwdbwd, ours_fwdbwd),
+             ("fwd+bwd/d", DROPOUT, floor_fwdbwd, bnb_fwdbwd, ours_fwdbwd_dropout))
+    floor_ms = {}
+    for mode, p, floor_fn, bnb_fn, ours_fn in plans:
+        # peft's own modules: Identity without dropout (what lora_dropout=0 builds), Dropout(p) with
+        lora.lora_dropout["default"] = torch.nn.Dropout(p) if p else torch.nn.Identity()
+        fns = {"a": floor_fn, "b": bnb_fn, "c": ours_fn, "d": with_kernels("fused", ours_fn),
+               "e": with_kernels("dequant", ours_fn)}
+        kinds, times = {}, {}
+        for key, fn in fns.items():
+            if key == "a" and floor_fn in floor_ms:
+                kinds[key], times[key] = "eager", floor_ms[floor_fn]
+                continue
             replay = graphed(torch, fn) if args.graphs and dev == "cuda" else None
-            kinds.append("cuda-graph" if replay else "eager")
-            times.append(timed_ms(torch, replay or fn, args.warmup, args.iters, flush))
-        t_a, t_b, t_c = times
+            kinds[key] = "cuda-graph" if replay else "eager"
+            times[key] = timed_ms(torch, replay or fn, args.warmup, args.iters, flush)
+        floor_ms[floor_fn] = times["a"]
         key = "fwd" if mode == "fwd" else "fwdbwd"
+        t_c = times["c"]
         rows.append({
-            "M": m, "K": k, "N": n, "r": RANK, "mode": mode, "timing": dict(zip("abc", kinds)),
-            "a_bf16_matmul_ms": t_a, "b_bnb_peft_ms": t_b, "c_mtpeft_fused_ms": t_c,
-            "c_over_a": t_c / t_a, "b_over_c": t_b / t_c,
+            "M": m, "K": k, "N": n, "r": RANK, "mode": mode, "dropout": p, "timing": kinds,
+            "a_bf16_matmul_ms": times["a"], "b_bnb_peft_ms": times.get("b", float("nan")),
+            "c_mtpeft_ms": t_c, "d_fused_ms": times["d"], "e_dequant_ms": times["e"],
+            "c_over_a": t_c / times["a"], "b_over_c": times.get("b", float("nan")) / t_c,
             "flop_floor": fl[key + "_flop"], "bytes_floor": fl[key + "_bytes"],
             "c_tflops": fl[key + "_flop"] / t_c / 1e9, "c_gbps": fl[key + "_bytes"] / t_c / 1e6,
             **check,
@@ -259,9 +313,24 @@ def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
     return rows
 
 
+def crossover_lines(rows: list[dict]) -> list[str]:
+    """Per (K, N) and mode: the smallest measured M at which the dequant path beats the fused one."""
+    lines = []
+    for k, n in sorted({(r["K"], r["N"]) for r in rows}):
+        for mode in ("fwd", "fwd+bwd"):
+            sel = sorted((r for r in rows if (r["K"], r["N"], r["mode"]) == (k, n, mode)), key=lambda r: r["M"])
+            faster = [r["M"] for r in sel if r["e_dequant_ms"] < r["d_fused_ms"]]
+            fused_up_to = [r["M"] for r in sel if r["M"] < (faster[0] if faster else float("inf"))]
+            lines.append(f"crossover K={k} N={n} {mode}: dequant faster from M={faster[0] if faster else 'never'}"
+                         f" (fused faster up to M={fused_up_to[-1] if fused_up_to else 'none'} of {[r['M'] for r in sel]})")
+    return lines
+
+
 def target_lines(rows: list[dict]) -> list[str]:
     lines = []
     for row in rows:
+        if row.get("dropout", 0.0):
+            continue
         shape = f"M={row['M']} K={row['K']} N={row['N']} {row['mode']}"
         if row["M"] == 8192 and row["mode"] == "fwd+bwd":
             ok = row["c_over_a"] <= 1.10 and row["b_over_c"] >= 1.4
@@ -274,14 +343,15 @@ def target_lines(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| M | K | N | mode | (a) bf16 matmul ms | (b) bnb+peft ms | (c) fused ms | c/a | b/c "
-            "| FLOP floor (GFLOP) | bytes floor (MB) | c TFLOP/s | c GB/s | c vs b rel err (y, dx) |")
+    head = ("| M | K | N | mode | (a) bf16 matmul ms | (b) bnb+peft ms | (c) mtpeft ms | (d) fused ms | (e) dequant ms "
+            "| c/a | b/c | FLOP floor (GFLOP) | bytes floor (MB) | c TFLOP/s | c GB/s | c vs b rel err (y, dx) |")
     out = [f"Device: {meta['device']}; date {meta['date']}; torch {meta['torch']}, triton {meta['triton']}, "
-           f"bitsandbytes {meta['bitsandbytes']}, peft {meta['peft']}; command `{meta['command']}`", "",
-           head, "|" + "---|" * 14]
+           f"bitsandbytes {meta['bitsandbytes']}, peft {meta['peft']}; command `{meta['command']}`. "
+           "Mode fwd+bwd/d: LoRA dropout 0.05.", "", head, "|" + "---|" * 16]
     for r in rows:
         out.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['mode']} | {r['a_bf16_matmul_ms']:.3f} | "
-                   f"{r['b_bnb_peft_ms']:.3f} | {r['c_mtpeft_fused_ms']:.3f} | {r['c_over_a']:.3f} | "
+                   f"{r['b_bnb_peft_ms']:.3f} | {r['c_mtpeft_ms']:.3f} | {r['d_fused_ms']:.3f} | "
+                   f"{r['e_dequant_ms']:.3f} | {r['c_over_a']:.3f} | "
                    f"{r['b_over_c']:.2f} | {r['flop_floor'] / 1e9:.1f} | {r['bytes_floor'] / 1e6:.1f} | "
                    f"{r['c_tflops']:.1f} | {r['c_gbps']:.0f} | "
                    f"{r['y_rel_err_vs_bnb']:.1e}, {r['dx_rel_err_vs_bnb']:.1e} |"
@@ -331,26 +401,28 @@ def main(argv=None) -> int:
         shapes = CPU_SMOKE
     flush = torch.empty(256 * 1024 * 1024 if dev == "cuda" else 1, dtype=torch.int8, device=dev)
     rows = []
-    print(f"{'M':>5} {'K':>6} {'N':>6} {'mode':>8} {'a ms':>9} {'b ms':>9} {'c ms':>9} {'c/a':>6} {'b/c':>6} "
-          f"{'GFLOP':>8} {'MB':>8} {'c TF/s':>7} {'c GB/s':>7}")
+    print(f"{'M':>5} {'K':>6} {'N':>6} {'mode':>9} {'a ms':>9} {'b ms':>9} {'c ms':>9} {'c/a':>6} {'b/c':>6} "
+          f"{'d fused':>9} {'e dequant':>9} {'GFLOP':>8} {'MB':>8} {'c TF/s':>7} {'c GB/s':>7}")
     for m, k, n in shapes:
         for row in bench_shape(torch, m, k, n, args, flush, dev):
             rows.append(row)
-            print(f"{m:>5} {k:>6} {n:>6} {row['mode']:>8} {row['a_bf16_matmul_ms']:>9.3f} {row['b_bnb_peft_ms']:>9.3f} "
-                  f"{row['c_mtpeft_fused_ms']:>9.3f} {row['c_over_a']:>6.3f} {row['b_over_c']:>6.2f} "
+            print(f"{m:>5} {k:>6} {n:>6} {row['mode']:>9} {row['a_bf16_matmul_ms']:>9.3f} {row['b_bnb_peft_ms']:>9.3f} "
+                  f"{row['c_mtpeft_ms']:>9.3f} {row['c_over_a']:>6.3f} {row['b_over_c']:>6.2f} "
+                  f"{row['d_fused_ms']:>9.3f} {row['e_dequant_ms']:>9.3f} "
                   f"{row['flop_floor'] / 1e9:>8.1f} {row['bytes_floor'] / 1e6:>8.1f} {row['c_tflops']:>7.1f} "
                   f"{row['c_gbps']:>7.0f}", flush=True)
             if max(row["y_rel_err_vs_bnb"], row["dx_rel_err_vs_bnb"]) > 2e-2:
                 print(f"  WARNING: fused vs bnb+peft differ by {row['y_rel_err_vs_bnb']:.1e} (y), "
                       f"{row['dx_rel_err_vs_bnb']:.1e} (dx)")
     targets = target_lines(rows)
-    for line in targets:
+    for line in targets + crossover_lines(rows):
         print(line)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "targets": targets, "correctness_failures": failures}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "targets": targets, "crossover": crossover_lines(rows),
+                   "correctness_failures": failures}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(rows, meta) + "\n" + "\n".join(f"- {t}" for t in targets) + "\n")
+        f.write(markdown(rows, meta) + "\n" + "\n".join(f"- {t}" for t in targets + crossover_lines(rows)) + "\n")
     print(f"wrote {args.out}/results.json and results.md")
     return 0
 

@@ -23,6 +23,8 @@ import triton.language as tl
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, nf4_path, use_triton
 from mtpeft.kernels.nf4_dequant import quant_kernel_args
 from mtpeft.kernels.nf4_lora_linear_dequant import DequantNF4LoRALinearFunction
+from mtpeft.kernels.nf4_split_k import applies as split_k_applies
+from mtpeft.kernels.nf4_split_k import launch_split_k
 from mtpeft.kernels.triton_compat import cast, dot, grouped_tile
 from mtpeft.kernels.nf4_lora_linear_reference import (WeightSource, check_weight_shape, nf4_lora_linear_reference,
                                                       resolve_weight)
@@ -239,7 +241,10 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         y = empty_output((m, n), x.dtype, x.device)
         ypre = empty_output((m, n), x.dtype, x.device) if store_pre else y
         qargs = quant_kernel_args(qweight, x.device)
-        if m > 0:
+        if m > 0 and split_k_applies(m, k, qweight.blocksize):
+            launch_split_k(x2, xa, b_cast if has_lora else None, y, ypre, bias, ia3, qargs, scaling, m, n, k, r,
+                           qweight.double_quant, qweight.blocksize, has_lora, store_pre, _block_r(r))
+        elif m > 0:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             nf4_lora_fwd_kernel[grid](
                 x2, xa if has_lora else x2, b_cast if has_lora else x2, y, ypre,

@@ -80,6 +80,22 @@ def _fused_specs(dtype: str) -> Iterator[BuildSpec]:
                         dtype != "fp32")
 
 
+def _split_k_specs(dtype: str) -> Iterator[BuildSpec]:
+    sk = _module("nf4_split_k")
+    n, k, r = SHAPE["N"], SHAPE["K"], SHAPE["R"]
+    for bm, splits in ((16, 1), (16, 8), (32, 8), (64, 8)):
+        ints = dict(M=bm, N=n, K=k, R=r, row_bytes=k // 2, k_per_split=k // splits, stride_xm=k, stride_xk=1,
+                    stride_am=r, stride_ar=1, stride_bn=r, stride_br=1, stride_ym=n, stride_yn=1)
+        yield BuildSpec(f"split-K fwd {sk.BLOCK_N}x{bm}x{sk.BLOCK_K} w{sk.NUM_WARPS} s{sk.NUM_STAGES} "
+                        f"split {splits}", sk.nf4_lora_fwd_split_k_kernel,
+                        _signature(sk.nf4_lora_fwd_split_k_kernel, dtype,
+                                   {"lora_scale": "fp32", "part_ptr": "*fp32", "ticket_ptr": "*i32"}),
+                        dict(HAS_LORA=True, HAS_BIAS=True, HAS_IA3=True, STORE_PRE=True, DOUBLE_QUANT=True,
+                             BLOCKSIZE=64, IEEE=False, BLOCK_R=16, SPLIT_K=splits, BLOCK_N=sk.BLOCK_N,
+                             BLOCK_K=sk.BLOCK_K, BLOCK_M=bm),
+                        ints, sk.NUM_WARPS, sk.NUM_STAGES, (sk.BLOCK_N, bm, sk.BLOCK_K), dtype, True)
+
+
 def _dequant_path_specs(dtype: str) -> Iterator[BuildSpec]:
     deq = _module("nf4_dequant")
     n, k = SHAPE["N"], SHAPE["K"]
@@ -117,6 +133,6 @@ def all_specs(dtypes=("bf16", "fp32")) -> list[BuildSpec]:
     specs: list[BuildSpec] = []
     for dtype in dtypes:
         if dtype != "fp32":  # compiled, fp32 activations never reach the fused kernels (backend.nf4_path)
-            specs += list(_fused_specs(dtype))
+            specs += [*_fused_specs(dtype), *_split_k_specs(dtype)]
         specs += [*_dequant_path_specs(dtype), *_adapter_specs(dtype)]
     return specs

@@ -132,6 +132,22 @@ def test_other_blocksize(monkeypatch, kernels):
     run_case(monkeypatch, kernels, (21, 96), 45, 3, torch.float32, True, True, False, blocksize=128)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_shape,k", [((3, 5), 384), ((40,), 640)])
+def test_split_k_kernel_serves_few_rows(monkeypatch, dtype, x_shape, k):
+    """Few rows and K a multiple of 128: the split-K kernel (uneven splits of 3 / 5 K steps, LoRA,
+    bias and IA3 in the last program's epilogue) — twice, so the tickets are reset between launches."""
+    import importlib
+
+    module = importlib.import_module("mtpeft.kernels.nf4_lora_linear")
+    launches = []
+    original = module.launch_split_k
+    monkeypatch.setattr(module, "launch_split_k", lambda *a: launches.append(1) or original(*a))
+    for _ in range(2):
+        run_case(monkeypatch, "fused", (*x_shape, k), 70, 5, dtype, True, True, True)
+    assert len(launches) == 2
+
+
 @pytest.mark.parametrize("max_m,rows,path", [(4, 5, "dequant"), (5, 5, "fused"), (0, 1, "dequant")])
 def test_triton_mode_dispatches_by_rows(monkeypatch, max_m, rows, path):
     """MTPEFT_KERNELS=triton: the fused kernel up to MTPEFT_NF4_FUSED_MAX_M rows, dequant above."""
