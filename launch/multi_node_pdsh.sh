@@ -47,4 +47,8 @@ if [[ " ${ds_args[*]} " != *" --master_port "* ]]; then
   ds_args+=(--master_port "${MASTER_PORT:-29500}")
 fi
 
-exec "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$launcher" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"  # TERM/INT/HUP reach every process of the run
+# the pdsh runner signals every host itself (pkill over pdsh); MPI and srun forward what their group gets
+target=group
+[[ ${launcher,,} == pdsh ]] && target=leader
+run_in_group "$target" "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$launcher" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"

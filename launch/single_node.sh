@@ -20,4 +20,5 @@ if [[ -n ${NUM_GPUS:-} ]]; then
   ds_args+=(--num_gpus "$NUM_GPUS")
 fi
 
-exec "$DEEPSPEED" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"  # TERM/INT/HUP reach every process of the run
+run_in_group group "$DEEPSPEED" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"

@@ -7,12 +7,17 @@ a rank that skips a step or stops alone leaves the others waiting in a collectiv
 from __future__ import annotations
 
 import math
+import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from mtpeft.data.dist import DistContext
+
+
+PREEMPTED_FILE_ENV = "MTPEFT_PREEMPTED_FILE"
 
 
 class RunAborted(Exception):
@@ -33,6 +38,19 @@ class Preemption:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+    @staticmethod
+    def report_saved(tag: str) -> None:
+        """Tell the launch script that the checkpoint of a preempted run is complete. DeepSpeed's
+        per-node launcher exits 1 after a SIGTERM whatever its ranks did (``launch.py`` ends its
+        signal handler with ``sys.exit(1)``), so the scripts in ``launch/`` read this file (named by
+        ``MTPEFT_PREEMPTED_FILE``, written by each node's local rank 0) to exit 0 instead."""
+        marker = os.environ.get(PREEMPTED_FILE_ENV)
+        if marker and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+            try:
+                Path(marker).write_text(tag + "\n")
+            except OSError:  # only the exit status depends on it; the checkpoint is on disk
+                pass
 
 
 class StepVote:

@@ -189,6 +189,7 @@ class Recipe:
                 self._call("on_save", tag)
                 if stop:
                     self.preemption.requested = True
+                    self.preemption.report_saved(tag)
                     if ctx.is_main:
                         print(f"SIGTERM: saved {self.run_dir / 'checkpoints' / tag}; rerun the same command to resume",
                               flush=True)

@@ -1,0 +1,122 @@
+"""The launch scripts forward a SIGTERM to the whole process group of the run and exit 0 when the
+run saved its checkpoint (issue 15). DeepSpeed is replaced by a stand-in with the real launcher's
+behaviour on SIGTERM: the launcher process exits 1 (DeepSpeed's per-node launcher always does) or
+dies at once (the top ``deepspeed`` runner without ssh has no handler), while its rank goes on
+unless someone signals it; the rank saves (writes ``MTPEFT_PREEMPTED_FILE``) and exits 0."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed import REPO
+
+FAKE_DEEPSPEED = r'''#!/usr/bin/env bash
+"$FAKE_PYTHON" - <<'PY' &
+import os, signal, sys, time
+def term(*_):
+    time.sleep(0.5)  # writing the checkpoint
+    if os.environ.get("FAKE_SAVES") == "1":
+        open(os.environ["MTPEFT_PREEMPTED_FILE"], "w").write("step7\n")
+    open(os.environ["FAKE_DIR"] + "/rank_saved", "w").write("1")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+open(os.environ["FAKE_DIR"] + "/rank_pid.tmp", "w").write(str(os.getpid()))
+os.replace(os.environ["FAKE_DIR"] + "/rank_pid.tmp", os.environ["FAKE_DIR"] + "/rank_pid")
+while True:
+    time.sleep(0.05)
+PY
+echo "$@" > "$FAKE_DIR/argv"
+[[ ${FAKE_LAUNCHER:-exit1} == exit1 ]] && trap 'exit 1' TERM
+while :; do sleep 0.05; done
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z" if Path(f"/proc/{pid}").exists() else False
+
+
+def _run_and_terminate(tmp_path: Path, script: list[str], saves: bool, launcher: str = "exit1", **extra: str):
+    fake = tmp_path / "deepspeed"
+    fake.write_text(FAKE_DEEPSPEED)
+    fake.chmod(0o755)
+    env = {**os.environ, "DEEPSPEED": str(fake), "FAKE_DIR": str(tmp_path), "FAKE_SAVES": "1" if saves else "0",
+           "FAKE_PYTHON": sys.executable, "FAKE_LAUNCHER": launcher, "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
+           **extra}
+    proc = subprocess.Popen(["bash", *script], env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "rank_pid").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        rank = int((tmp_path / "rank_pid").read_text())
+        proc.send_signal(signal.SIGTERM)  # the script alone, as a user's `kill PID` or SLURM's batch signal
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err, rank
+
+
+SCRIPTS = {
+    "single_node": ["launch/single_node.sh", "cfg.yaml"],
+    "per_node_no_ssh": ["launch/per_node_no_ssh.sh", "--node_rank", "0", "HOSTFILE", "cfg.yaml"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+@pytest.mark.parametrize("launcher", ["exit1", "dies"])
+def test_sigterm_reaches_the_ranks_and_a_saved_run_exits_0(tmp_path, name, launcher):
+    (tmp_path / "hosts").write_text("localhost slots=1\n")
+    script = [str(tmp_path / "hosts") if a == "HOSTFILE" else a for a in SCRIPTS[name]]
+    code, err, rank = _run_and_terminate(tmp_path, script, saves=True, launcher=launcher)
+    assert (tmp_path / "rank_saved").exists() and not _alive(rank)
+    assert code == 0 and "checkpoint step7 saved; rerun the same command to resume" in err, (code, err)
+    assert not list(tmp_path.glob("mtpeft-preempted.*"))  # the marker is removed
+
+
+def test_a_run_that_did_not_save_keeps_the_launchers_status(tmp_path):
+    code, err, rank = _run_and_terminate(tmp_path, SCRIPTS["single_node"], saves=False)
+    assert code == 1 and "saved" not in err and not _alive(rank)
+
+
+SRUN_STUB = r'''#!/usr/bin/env bash
+# srun on one node: drop the options, run the task in a process group of its own (a job step)
+while [[ $1 == --* ]]; do shift; done
+echo $$ > "$FAKE_DIR/step_pgid"
+export SLURM_NODEID=0
+exec setsid "$@"
+'''
+SCANCEL_STUB = r'''#!/usr/bin/env bash
+# scancel --signal=SIG JOBID: signal every job step (here the one step), never the batch shell
+sig=${1#--signal=}
+echo "$*" >> "$FAKE_DIR/scancel_calls"
+kill -"$sig" -- -"$(cat "$FAKE_DIR/step_pgid")"
+'''
+
+
+def test_slurm_batch_shell_passes_a_term_on_to_the_job_steps(tmp_path):
+    """`scancel --batch` / `--signal=B:TERM`: only the batch shell gets the signal; slurm.sbatch
+    re-sends it to the steps with scancel, the per-node script reaches the ranks, the job exits 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN_STUB), ("scancel", SCANCEL_STUB),
+                       ("scontrol", "#!/usr/bin/env bash\necho localhost\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    code, err, rank = _run_and_terminate(
+        tmp_path, ["launch/slurm.sbatch", "cfg.yaml"], saves=True, PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="1",
+        HOSTFILE=str(tmp_path / "hosts"))
+    assert (tmp_path / "scancel_calls").read_text().split() == ["--signal=TERM", "4242"]
+    assert (tmp_path / "rank_saved").exists() and not _alive(rank)
+    assert code == 0 and "checkpoint step7 saved" in err, (code, err)
