@@ -9,9 +9,10 @@ only pays at small M. Same contract and gradients as the fused op:
 - forward: the buffer holds ``[deq(W); A]`` ([N + r, K]), so ONE GEMM gives ``x·deq(W)ᵀ`` and
   ``x·Aᵀ`` (x is read once); the LoRA term is added in place with ``addmm_`` (cuBLAS, beta = 1), then
   bias and IA3. With a separate LoRA input (dropout) ``x·Aᵀ`` reads ``lora_x`` instead.
-- backward: ``g = s·dy·B`` and ``dB = s·dyᵀ·(x·Aᵀ)`` in one pass over dy (``lora_dy_pass``); the weight
-  dequantized again with IA3's scale folded into its rows, ``dx = dy·W'`` by cuBLAS and the LoRA tail
-  ``g·A`` added in place; ``dA = gᵀ·x``.
+- backward: ``g = s·dy·B`` and ``dB = s·dyᵀ·(x·Aᵀ)`` in one pass over dy (``lora_dy_pass``), which
+  also writes ``[dy, g]``; the buffer holds ``[W'; A]`` (W dequantized again with IA3's scale folded
+  into its rows), so ``dx = [dy, g]·[W'; A]`` is ONE cuBLAS GEMM with the LoRA tail folded in;
+  ``dA = gᵀ·x``.
 """
 
 from __future__ import annotations
@@ -67,12 +68,17 @@ class DequantNF4LoRALinearFunction(torch.autograd.Function):
         lx2, xa, lora_A, lora_B, ia3, ypre = ctx.saved_tensors
         n, k = ctx.n, ctx.k
         dy2 = dy.reshape(-1, n)
+        m, dtype = dy2.shape[0], dy2.dtype
         need_x, need_lx, need_a, need_b, need_bias, need_ia3 = ctx.needs_input_grad[:6]
-        dx = d_lx = d_a = d_b = d_bias = d_ia3 = g = None
+        dx = d_lx = d_a = d_b = d_bias = d_ia3 = None
+        # LoRA tail folded into the dx GEMM: dx = [dy, g]·[W'; A], with [dy, g] written by the dy pass
+        fold_tail = need_x and ctx.has_lora and not ctx.separate_lora_x
+        r = lora_A.shape[0] if ctx.has_lora else 0
+        dy_ext = torch.empty(m, n + r, dtype=dtype, device=dy2.device) if fold_tail else None
         if ctx.has_lora:
             b_eff = lora_B if ia3 is None else lora_B.float() * ia3.float()[:, None]
-            g, db = lora_dy_pass_triton(dy2, b_eff.to(dy2.dtype), xa, ctx.scaling)
-            a_c = lora_A.to(dy2.dtype)
+            g, db = lora_dy_pass_triton(dy2, b_eff.to(dtype), xa, ctx.scaling, dy_ext=dy_ext)
+            a_c = lora_A.to(dtype)
             if need_b:
                 d_b = (db if ia3 is None else db * ia3.float()[:, None]).to(ctx.dtypes[1])
             if need_a:
@@ -84,10 +90,12 @@ class DequantNF4LoRALinearFunction(torch.autograd.Function):
         if need_ia3:
             d_ia3 = (dy2.float() * ypre.float()).sum(0).to(ctx.dtypes[3])
         if need_x:
-            w = dequant_workspace(n, k, dy2.dtype, dy2.device)
-            nf4_dequant_triton(resolve_weight(ctx.source), dy2.dtype, out=w, row_scale=ia3)
-            dx = dy2 @ w
-            if ctx.has_lora and not ctx.separate_lora_x:
-                dx.addmm_(g, a_c)
+            w = dequant_workspace(n + (r if fold_tail else 0), k, dtype, dy2.device)
+            nf4_dequant_triton(resolve_weight(ctx.source), dtype, out=w[:n], row_scale=ia3)
+            if fold_tail:
+                w[n:].copy_(a_c)
+                dx = dy_ext @ w
+            else:
+                dx = dy2 @ w
             dx = dx.reshape(*ctx.lead, k)
         return dx, d_lx, d_a, d_b, d_bias, d_ia3, None, None

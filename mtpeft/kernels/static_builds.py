@@ -108,12 +108,14 @@ def _dequant_path_specs(dtype: str) -> Iterator[BuildSpec]:
                         dict(numel=n * k, nbytes=n * k // 2, row_len=k), deq.NUM_WARPS, 3, None, dtype, False)
     dy = _module("lora_dy_pass")
     m, r = SHAPE["M"], SHAPE["R"]
-    yield BuildSpec(f"lora_dy_pass {dy.BLOCK_M}x{dy.BLOCK_N}x16 w{dy.NUM_WARPS}", dy.lora_dy_pass_kernel,
-                    _signature(dy.lora_dy_pass_kernel, dtype, {}),
-                    dict(IEEE=dtype == "fp32", BLOCK_R=16, BLOCK_M=dy.BLOCK_M, BLOCK_N=dy.BLOCK_N),
-                    dict(M=m, N=n, R=r, n_per_split=n // 2, stride_dym=n, stride_dyn=1, stride_bn=r, stride_br=1,
-                         stride_xam=r, stride_xar=1),
-                    dy.NUM_WARPS, dy.NUM_STAGES, (dy.BLOCK_M, 16, dy.BLOCK_N), dtype, dtype != "fp32")
+    bm, bn, warps = dy.TILES["fp32" if dtype == "fp32" else "16-bit"]
+    for copy in (False, True):
+        yield BuildSpec(f"lora_dy_pass {bm}x16x{bn} w{warps}" + (" +dy copy" if copy else ""),
+                        dy.lora_dy_pass_kernel, _signature(dy.lora_dy_pass_kernel, dtype, {}),
+                        dict(COPY_DY=copy, IEEE=dtype == "fp32", BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn),
+                        dict(M=m, N=n, R=r, rows_per_split=m // 16, stride_dym=n, stride_dyn=1, stride_bn=r,
+                             stride_br=1, stride_xam=r, stride_xar=1, stride_outm=n + r),
+                        warps, dy.NUM_STAGES, (bm, 16, bn), dtype, dtype != "fp32")
 
 
 def _adapter_specs(dtype: str) -> Iterator[BuildSpec]:
