@@ -19,15 +19,32 @@ def _cmd_train(args) -> int:
     from mtpeft.config import load_config
     from mtpeft.trainer.recipe import train
 
-    train(load_config(args.config, args.set), leave_group=True)
+    cfg = load_config(args.config, args.set)
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # once, before any rank writes into the folder
+        check_run_folder(Path(cfg.output.dir), f"{cfg.source}: output.dir", args.force)
+    train(cfg, leave_group=True)
     return 0
+
+
+def check_run_folder(run_dir: Path, option: str, force: bool) -> None:
+    """A run writes into a new, empty or earlier run's folder; beside a user's files only with --force,
+    and its ``export/`` subfolder (replaced at the end of the run) never holds a user's files."""
+    from mtpeft.output_folder import RUN_FOLDER_NAMES, check_folder_is_ours, foreign_entries
+    from mtpeft.trainer.export import EXPORT_FILES
+
+    check_folder_is_ours(run_dir, option, RUN_FOLDER_NAMES, force)
+    export_dir = run_dir / "export"
+    foreign = foreign_entries(export_dir, EXPORT_FILES) if export_dir.is_dir() else ["export"] * export_dir.exists()
+    if foreign:
+        raise ConfigError(f"{option} {run_dir}: {export_dir} holds {foreign[0]!r}, which an export did not write, and "
+                          f"the run replaces that folder when it ends; move it away or name another output.dir")
 
 
 def _cmd_demo(args) -> int:
     from mtpeft.demo.launch import run_demo
 
     config = run_config(args.config or "demo")
-    return run_demo(config, Path(args.out), args.ranks, args.set, args.port)
+    return run_demo(config, Path(args.out), args.ranks, args.set, args.port, force=args.force)
 
 
 def _cmd_eval(args) -> int:
@@ -61,12 +78,12 @@ def _cmd_export(args) -> int:
     from mtpeft.run_dir import latest_checkpoint
     from mtpeft.trainer.export import check_export_target, export
 
-    check_export_target(Path(args.out), Path(args.run_dir))  # before minutes of loading
+    check_export_target(Path(args.out), Path(args.run_dir), force=args.force)  # before minutes of loading
     source = args.source
     if source == "auto":
         source = "checkpoint" if latest_checkpoint(Path(args.run_dir)) is not None else "export"
     cfg, model = load_trained_model(Path(args.run_dir), source)
-    out = export(model, cfg, Path(args.out), DistContext())
+    out = export(model, cfg, Path(args.out), DistContext(), force=args.force)
     print(f"exported to {out}")
     return 0
 
@@ -90,6 +107,10 @@ def _add_delegated(sub, name: str, module: str, help_text: str) -> None:
     p.set_defaults(func=_delegate(module))
 
 
+FORCE_HELP = ("write into a folder that holds files mtpeft did not write (or, for export, the run folder itself), "
+              "beside them; mtpeft still never deletes or replaces a file it did not write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="mtpeft", description="Multitask parameter-efficient fine-tuning of code LLMs on "
                                                 "DeepSpeed ZeRO-3, with a 4-bit NF4 base and fused Triton kernels.")
@@ -100,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a RunConfig (alone, or under the deepspeed launcher)")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train, evaluate and export the built-in demo through the deepspeed launcher")
@@ -108,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="another config instead of the shipped demo: a path or a shipped name (demo_nf4)")
     p.add_argument("--port", type=int, default=0, help="master port (default: a free one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("eval", help="recompute RUN_DIR/metrics.json from a run's exported weights, "
@@ -127,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--source", choices=("auto", "export", "checkpoint"), default="auto",
                    help="auto (default): the latest checkpoint if the run saved one, else RUN_DIR/export")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_cmd_export)
 
     _add_delegated(sub, "plan", "mtpeft.profile.plan_cli",

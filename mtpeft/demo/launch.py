@@ -35,12 +35,16 @@ def launcher_command(config: Path, ranks: int, port: int, overrides: list[str]) 
     return cmd
 
 
-def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: int = 0) -> int:
+def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: int = 0, force: bool = False) -> int:
     if not config.is_file():
         raise ConfigError(f"{config}: demo config not found")
     if ranks < 1:
         raise ConfigError(f"--ranks must be at least 1, got {ranks}")
+    from mtpeft.output_folder import RUN_FOLDER_NAMES, check_folder_is_ours, check_output_folder
+
     out = out.resolve()
+    check_output_folder(out, "--out")
+    check_folder_is_ours(out, "--out", RUN_FOLDER_NAMES, force)
     overrides = [f"output.dir={out}", *overrides]
     from mtpeft.config import load_config
 
@@ -48,7 +52,7 @@ def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: in
     from mtpeft.launch.extension_lock import check_extension_locks
 
     check_extension_locks()
-    cmd = launcher_command(config, ranks, port, overrides)
+    cmd = launcher_command(config, ranks, port, overrides) + (["--force"] if force else [])
     print("launching:", " ".join(cmd), flush=True)
     start = time.time()
     code = subprocess.call(cmd)

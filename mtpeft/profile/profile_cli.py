@@ -22,9 +22,14 @@ from typing import Any, Dict, List, Optional
 
 from mtpeft.command_parser import CommandParser
 from mtpeft.errors import UserError
-from mtpeft.output_folder import check_output_folder
+from mtpeft.output_folder import check_folder_is_ours, check_output_folder
 from mtpeft.profile import measure, report
 from mtpeft.profile.run_flops import step_flops_of_run
+
+
+# what profile and profile --savings write into --out (the run itself goes to --out/run)
+REPORT_FOLDER_NAMES = frozenset({"run", "report.md", "report.json", "memory_breakdown.png", "throughput.png",
+                                 "loss_curves.png", "tensorboard", "multitask_adapter", "per_task_adapters"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--savings", action="store_true",
                         help="run the side-by-side savings study (full FT, LoRA, bnb+peft QLoRA, mtpeft QLoRA)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder holding files mtpeft did not write, beside them (never over them)")
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -53,7 +60,7 @@ def _launch(args: argparse.Namespace) -> int:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     for item in args.set:
         cmd += ["--set", item]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd + (["--force"] if args.force else []))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--ranks {args.ranks}: must be at least 1")
     out = Path(args.out).resolve()
     check_output_folder(out, "--out")
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # once, before any rank writes there
+        check_folder_is_ours(out, "--out", REPORT_FOLDER_NAMES, args.force)
     cfg = load_config(args.config, list(args.set))
     if args.savings:
         from mtpeft.profile.savings import run_savings

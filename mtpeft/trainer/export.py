@@ -24,6 +24,7 @@ and renamed into place, so an interrupted export never replaces a good one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,7 @@ from mtpeft.config import RunConfig
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError, UserError
 from mtpeft.failed_writes import FREE_SPACE, writing
+from mtpeft.output_folder import check_folder_is_ours, check_output_folder
 from mtpeft.trainer.damaged import reading
 from mtpeft.tuners.base import check_keys
 from mtpeft.tuners.gather import gathered
@@ -46,29 +48,36 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 EXPORT_FILES = (ADAPTER_FILE, HEADS_FILE, MANIFEST_FILE, PEFT_CONFIG_FILE)
 
 
-def check_export_target(out_dir: Path, run_dir: Path | None = None) -> None:
+def check_export_target(out_dir: Path, run_dir: Path | None = None, force: bool = False, option: str = "--out") -> None:
     """Refuse an export folder that would cost the user a file: mtpeft replaces only a folder that is
-    new, empty, or holds nothing but a previous export's files (``EXPORT_FILES``)."""
+    new, empty, or holds nothing but a previous export's files (``EXPORT_FILES``). With ``force`` it
+    writes its files beside others' (also into the run folder itself), never over an existing file."""
     out_dir = Path(out_dir)
-    if run_dir is not None and out_dir.resolve() == Path(run_dir).resolve():
-        raise UserError(f"--out {out_dir} is the run folder itself; exporting there would replace its checkpoints, "
-                        f"config and logs: name a new folder (e.g. {out_dir / 'export2'})")
+    if run_dir is not None and out_dir.resolve() == Path(run_dir).resolve() and not force:
+        raise UserError(f"{option} {out_dir} is the run folder itself; exporting there would replace its checkpoints, "
+                        f"config and logs: name a new folder (e.g. {out_dir / 'export2'}), or add --force to write "
+                        f"the export files beside the run's own")
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is an existing file; name a folder to export into")
+        raise UserError(f"{option} {out_dir} is an existing file; name a folder to export into")
+    check_output_folder(out_dir, option)
     if out_dir.is_dir():
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
-        if foreign:
-            raise UserError(f"--out {out_dir} holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if
+        if foreign and not force:
+            raise UserError(f"{option} {out_dir} holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if
                             len(foreign) > 1 else "") + ", which an export did not write; an export replaces its "
-                            "folder, so name a new or empty folder (or one holding only a previous export)")
+                            "folder, so name a new or empty folder (or one holding only a previous export), or add "
+                            "--force to write the export files beside them")
+        if foreign:
+            check_folder_is_ours(out_dir, option, EXPORT_FILES, force=True)
 
 
 def _head_params(model) -> dict:
     return {f"{task}.{name}": p for task, head in model.heads.items() for name, p in head.named_parameters()}
 
 
-def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | None:
-    """Write the adapter, ``heads.safetensors`` and ``tasks.json`` (+ ``adapter_config.json`` for HF peft methods)."""
+def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext, force: bool = False) -> Path | None:
+    """Write the adapter, ``heads.safetensors`` and ``tasks.json`` (+ ``adapter_config.json`` for HF peft
+    methods); ``force``: into a folder holding others' files, beside them (``check_export_target``)."""
     tuner = model.tuner
     heads = _head_params(model)
     with gathered(list(tuner.named_tensors(model).values()) + list(heads.values())):
@@ -77,7 +86,8 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | Non
         adapter_t = tuner.export_tensors(model)
         heads_t = {k: p.detach().cpu().clone().contiguous() for k, p in heads.items()}
     out_dir = Path(out_dir)
-    check_export_target(out_dir)
+    check_export_target(out_dir, force=force)
+    beside = out_dir.is_dir() and any(p.name not in EXPORT_FILES or not p.is_file() for p in out_dir.iterdir())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     then = (f"{'the previous export in ' + str(out_dir) + ' is unchanged' if out_dir.exists() else 'nothing was left'}"
             f"; {FREE_SPACE}")
@@ -93,6 +103,11 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext) -> Path | Non
         except BaseException:  # a failed write (disk full, interrupt) leaves the previous export in charge
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if beside:  # others' files stay; none of ours was there (check_export_target)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out_dir / f.name)
+        tmp.rmdir()
+        return out_dir
     old = None
     if out_dir.exists():  # a previous export (check_export_target): set aside, then removed
         old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
