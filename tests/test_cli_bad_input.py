@@ -3,6 +3,7 @@ one ``error:`` line naming the key or file, exit status 2, no traceback, and lea
 already on disk as it was. In-process through ``mtpeft.cli.main`` where that is enough; through a
 real process where the launcher or a second module is involved."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,10 +22,22 @@ def _config(tmp_path: Path) -> Path:
     return demo_config_file(tmp_path, output__dir=str(tmp_path / "run"))
 
 
+def _files_near(argv) -> dict:
+    """Hashes of every file in the folders the command line names (a config's folder, a data file's):
+    what a refused command must leave as it was."""
+    folders = {Path(a).parent if Path(a).is_file() else Path(a) for a in argv if "/" in a and Path(a).exists()}
+    folders |= {Path(a.split("=", 1)[1]).parent for a in argv if "=" in a and Path(a.split("=", 1)[1]).is_file()}
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()
+            for d in folders for f in sorted(d.rglob("*")) if f.is_file()}
+
+
 def _one_error(capsys, *argv) -> str:
+    before = _files_near(argv)
     code = main(list(argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    after = _files_near(argv)
+    assert {k: after.get(k) for k in before} == before  # nothing already there was changed
     return err[0]
 
 
@@ -176,3 +189,48 @@ def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys, suffix
     cfg = _config(tmp_path)
     msg = _one_error(capsys, "train", str(cfg), "--set", f"tasks.defect.train={bad}")
     assert f"{bad}:{line}: not UTF-8 text (byte 0xe9" in msg and "save the file as UTF-8" in msg
+
+
+def _raising(exc):
+    def cmd(args):
+        raise exc
+    return cmd
+
+
+@pytest.mark.parametrize("exc,expect", [
+    (OSError(28, "No space left on device", "/data/run/events.out"), "error: /data/run/events.out: cannot be written, "
+                                                                     "the disk is full; free space on that disk"),
+    (OSError(122, "Disk quota exceeded"), "error: a file mtpeft was writing: cannot be written, the disk quota is used up"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+     "the disk is full or a file-size limit was reached"),
+])
+def test_a_write_that_fails_under_a_library_is_one_line(capsys, monkeypatch, exc, expect):
+    """The boundary for writes no ``failed_writes.writing`` guards (the real-disk cases, through the
+    guarded writes, are in test_cli_disk_full.py)."""
+    import mtpeft.cli as cli
+
+    monkeypatch.setattr(cli, "_cmd_train", _raising(exc))
+    assert expect in _one_error(capsys, "train", "x.yaml")
+
+
+def test_an_error_that_is_not_a_failed_write_keeps_its_traceback(monkeypatch):
+    import mtpeft.cli as cli
+
+    monkeypatch.setattr(cli, "_cmd_train", _raising(OSError(2, "No such file or directory", "/x")))
+    with pytest.raises(FileNotFoundError):
+        main(["train", "x.yaml"])
+    monkeypatch.setattr(cli, "_cmd_train", _raising(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "x.yaml"])
+
+
+def test_a_failed_write_on_a_local_rank_above_0_is_printed_after_rank_0s(capsys, monkeypatch):
+    """A full shared disk fails every rank: local rank 0 prints at once and the launcher stops the rest
+    during their wait; a rank whose write failed alone still prints its line after the wait."""
+    import mtpeft.cli as cli
+    from mtpeft.errors import WriteError
+
+    monkeypatch.setattr(cli, "_cmd_train", _raising(WriteError("/run/checkpoints/step4: cannot be written")))
+    monkeypatch.setattr(cli, "REPEAT_EXIT_DELAY_S", 0.01)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert "step4: cannot be written" in _one_error(capsys, "train", "x.yaml")
