@@ -120,3 +120,37 @@ def test_slurm_batch_shell_passes_a_term_on_to_the_job_steps(tmp_path):
     assert (tmp_path / "scancel_calls").read_text().split() == ["--signal=TERM", "4242"]
     assert (tmp_path / "rank_saved").exists() and not _alive(rank)
     assert code == 0 and "checkpoint step7 saved" in err, (code, err)
+
+
+@pytest.mark.distributed
+def test_single_node_script_with_the_real_launcher(tmp_path):
+    """The real deepspeed runner and per-node launcher: a SIGTERM to the script alone saves a
+    checkpoint on every rank, leaves no process behind, and the script exits 0 (deepspeed itself
+    would exit 1)."""
+    import json
+
+    from distributed import env, free_port, tiny_config
+
+    cfg = tiny_config(tmp_path, max_steps=400)
+    out = tmp_path / "run"
+    e = {**env(), "NUM_GPUS": "1", "MASTER_PORT": str(free_port()),
+         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(["bash", "launch/single_node.sh", str(cfg), "--set", f"output.dir={out}"], env=e,
+                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log = out / "log.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert proc.returncode == 0, err[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == f"step{last}"
+    assert f"checkpoint step{last} saved" in err and not left
