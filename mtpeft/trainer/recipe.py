@@ -82,6 +82,11 @@ class Recipe:
             check_extension_locks()  # a lock left by a killed op build would hang the process group silently
         self.tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
         self.ctx = ctx = init_distributed(cfg.train.collective_timeout_s)
+        self.ds_config = fill_nvme_paths(build_ds_config(cfg, ctx.world), cfg.deepspeed.config)  # node-local disk
+        self.tok = load_tokenizer(cfg.model.name_or_path)
+        self._call("before_model")
+        self.model = build_model(cfg, self.ds_config)
+        # the run folder is written once the settings have proved buildable: a bad value leaves no folder
         ckpt_dir = self.run_dir / "checkpoints"
         if ctx.is_main:
             with writing(self.run_dir / "config.yaml"):
@@ -93,10 +98,6 @@ class Recipe:
                 os.replace(self.run_dir / "config.yaml.tmp", self.run_dir / "config.yaml")
         if ctx.world > 1 and not self.resume:
             dist.barrier()  # nobody logs into the folder before rank 0 has cleared it
-        self.ds_config = fill_nvme_paths(build_ds_config(cfg, ctx.world), cfg.deepspeed.config)  # node-local disk
-        self.tok = load_tokenizer(cfg.model.name_or_path)
-        self._call("before_model")
-        self.model = build_model(cfg, self.ds_config)
         if ctx.is_main:
             record_resolved_targets(self.run_dir / "config.yaml", self.model.tuner, self.model.backbone.config.model_type)
         self._call("after_model")
