@@ -51,12 +51,14 @@ def _compile(index: int) -> dict:
         row["issue_cycles"] = got.issue_cycles()
         row["mma_cycles"] = mma_cycles(*spec.tile, spec.tensor_cores)
         row["issue_over_mma"] = row["issue_cycles"] / row["mma_cycles"]
-    if "nf4_dequant" in spec.label:
-        per_thread = 2 * spec.constexprs["BYTES"] / (32 * spec.num_warps)
-        row["instructions_per_element"] = got.total_instructions / per_thread
-        for gpu, bpc in BYTES_PER_CLOCK_PER_SM.items():
-            budget = LANES_PER_CLOCK / (bpc / DEQUANT_BYTES_PER_ELEMENT)
-            row[f"bandwidth_fraction_{gpu}"] = min(1.0, budget / row["instructions_per_element"])
+    streaming = {"nf4_dequant": (2 * spec.constexprs.get("BYTES", 0), DEQUANT_BYTES_PER_ELEMENT),
+                 "keyed_dropout": (spec.constexprs.get("BLOCK", 0), 2 * (2 if spec.dtype == "bf16" else 4))}
+    for prefix, (elements, bytes_per_element) in streaming.items():
+        if spec.label.startswith(prefix):
+            row["instructions_per_element"] = got.total_instructions / (elements / (32 * spec.num_warps))
+            for gpu, bpc in BYTES_PER_CLOCK_PER_SM.items():
+                budget = LANES_PER_CLOCK / (bpc / bytes_per_element)
+                row[f"bandwidth_fraction_{gpu}"] = min(1.0, budget / row["instructions_per_element"])
     return row
 
 

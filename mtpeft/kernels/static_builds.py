@@ -118,6 +118,14 @@ def _dequant_path_specs(dtype: str) -> Iterator[BuildSpec]:
                         warps, dy.NUM_STAGES, (bm, 16, bn), dtype, dtype != "fp32")
 
 
+def _dropout_specs(dtype: str) -> Iterator[BuildSpec]:
+    kd = _module("keyed_dropout")
+    yield BuildSpec(f"keyed_dropout {kd.BLOCK}/program w{kd.NUM_WARPS}", kd.keyed_dropout_kernel,
+                    _signature(kd.keyed_dropout_kernel, dtype, {"key_ptr": "*i64", "threshold_signed": "i32",
+                                                                "keep_prob": "fp32"}),
+                    dict(BLOCK=kd.BLOCK), dict(inner=SHAPE["K"] * 2048), kd.NUM_WARPS, 3, None, dtype, False)
+
+
 def _adapter_specs(dtype: str) -> Iterator[BuildSpec]:
     ada = _module("bottleneck_adapter")
     m, n, k = SHAPE["M"], 64, SHAPE["K"]  # the down projection to a 64-wide bottleneck
@@ -136,5 +144,5 @@ def all_specs(dtypes=("bf16", "fp32")) -> list[BuildSpec]:
     for dtype in dtypes:
         if dtype != "fp32":  # compiled, fp32 activations never reach the fused kernels (backend.nf4_path)
             specs += [*_fused_specs(dtype), *_split_k_specs(dtype)]
-        specs += [*_dequant_path_specs(dtype), *_adapter_specs(dtype)]
+        specs += [*_dequant_path_specs(dtype), *_dropout_specs(dtype), *_adapter_specs(dtype)]
     return specs

@@ -4,9 +4,9 @@ module, the backbone pass) instead of a per-rank random stream, so 1 rank × mic
 dropout on). ``torch.nn.Dropout`` draws from each rank's generator, which no world size shares.
 
 The mask element of row r at flat index i (over the row's trailing dimensions) is a hash of the
-row's key and i, so it does not depend on how wide the batch was padded. The hash is Chris
-Wellons' lowbias32 on 32-bit lanes held in int64 (no overflow: multiplications are split in 16-bit
-halves), computed on the tensor's device.
+row's key and i, so it does not depend on how wide the batch was padded (the hash and the mask:
+``kernels.keyed_dropout_reference``; on a GPU ``kernels.keyed_dropout`` computes it in registers in
+one pass over x, and again in backward instead of keeping a mask).
 
 The trainer sets the batch's row keys (``row_keys``) before each micro-batch; ``MultitaskModel``
 derives one set per backbone pass. Without keys (a forward outside the trainer, or gradient
@@ -22,28 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_M32 = 0xFFFFFFFF
+from mtpeft.kernels.keyed_dropout import keyed_dropout
+from mtpeft.kernels.keyed_dropout_reference import hash32, keep_mask, mix
 
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x · c) mod 2³² for 0 ≤ x < 2³², without int64 overflow."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding 32-bit values."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def mix(keys: torch.Tensor, value: int) -> torch.Tensor:
-    """New 32-bit keys from ``keys`` and one more integer (a site, a pass, a block)."""
-    return hash32(keys ^ hash32(torch.tensor(value & _M32, dtype=torch.int64, device=keys.device)))
+__all__ = ["DropoutKeys", "KeyedDropout", "hash32", "keep_mask", "key_dropouts", "mix", "site_key"]
 
 
 def site_key(name: str) -> int:
@@ -78,15 +60,6 @@ class DropoutKeys:
         return torch.cat([mix(self.current, j) for j in range(copies)]) if copies > 1 else self.current
 
 
-def keep_mask(row_keys: torch.Tensor, site: int, shape: torch.Size, p: float) -> torch.Tensor:
-    """Boolean keep-mask of ``shape`` (rows first) with P(keep) = 1 - p."""
-    keys = mix(row_keys, site).view(-1, *([1] * (len(shape) - 1)))
-    index = torch.arange(int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1, device=row_keys.device)
-    index = index.view(shape[1:]) if len(shape) > 1 else index.view(())
-    bits = hash32(hash32(index ^ keys) ^ (keys * 0x9E37 & _M32))
-    return bits >= int(p * 2**32)
-
-
 class KeyedDropout(nn.Module):
     def __init__(self, p: float, keys: DropoutKeys, site: int):
         super().__init__()
@@ -98,7 +71,7 @@ class KeyedDropout(nn.Module):
         rows = self.keys.rows(x.shape[0]) if x.dim() > 0 else None
         if rows is None:
             return F.dropout(x, self.p, True)
-        return x * keep_mask(rows.to(x.device), self.site, x.shape, self.p).to(x.dtype) / (1 - self.p)
+        return keyed_dropout(x, rows, self.site, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site:#010x}"
