@@ -59,7 +59,12 @@ def large_m(m: int, k: int, n: int, gpu: str) -> dict:
              "GEMM dx": gemm(2 * m * (n + R) * k), "dA = g^T x (read x)": stream(mk) + gemm(2 * m * R * k)}
     e_fwd = sum(v for key, v in parts.items() if key in ("dequant fwd", "GEMM [y|xA]", "LoRA add (y read+write)"))
     e = {"fwd": e_fwd, "fwdbwd": sum(parts.values())}
-    return {"a": a, "b": {"fwd": b_fwd, "fwdbwd": b_fwd + b_bwd}, "e": e, "e_parts": parts}
+    # LoRA dropout (keyed_dropout kernel, one pass each way): x' written and read for x'·Aᵀ (no fold),
+    # g·A written, dropout's backward, autograd's accumulation into dx; the [dy, g] copy is not made.
+    dropout_bytes = (2 * mk + mk) + (mk + 2 * mk + 3 * mk) - mn
+    e_dropout = e["fwdbwd"] + stream(dropout_bytes)
+    return {"a": a, "b": {"fwd": b_fwd, "fwdbwd": b_fwd + b_bwd}, "e": e, "e_parts": parts,
+            "e_dropout": e_dropout, "dropout_bytes": dropout_bytes}
 
 
 def small_m(m: int, k: int, n: int, gpu: str, instr_per_element: float) -> dict:
@@ -99,6 +104,10 @@ def main(argv=None) -> int:
     t = large_m(*LARGE[0], "H200")
     print("\n(e) at M=8192, K=N=4096 on H200, µs per part: "
           + "; ".join(f"{key} {v * 1e6:.1f}" for key, v in t["e_parts"].items()))
+    for gpu in GPUS:
+        t = large_m(*LARGE[0], gpu)
+        print(f"(e) with LoRA dropout, M=8192, K=N=4096, {gpu}: +{t['dropout_bytes'] / 1e6:.0f} MB, "
+              f"{t['e_dropout'] * 1e6:.0f} µs = {t['e_dropout'] / t['e']['fwdbwd']:.2f}x the path without dropout")
     print(f"\nSplit-K forward: {ipe:.2f} instructions per weight element (compiled, sm_90a)\n")
     print("| M | K | N | GPU | (a) bf16 GEMM µs | (d) split-K µs (bytes / issue) | a/d (target ≥ 2.5) |")
     print("|---|---|---|---|---:|---:|---:|")
