@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from mtpeft.errors import ConfigError, LaunchError
+from mtpeft.launch.process_group import run_in_group
 
 
 def _free_port() -> int:
@@ -55,7 +55,7 @@ def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: in
     cmd = launcher_command(config, ranks, port, overrides) + (["--force"] if force else [])
     print("launching:", " ".join(cmd), flush=True)
     start = time.time()
-    code = subprocess.call(cmd)
+    code = run_in_group(cmd)  # a signal to the demo reaches the launcher and every rank
     wall = time.time() - start
     if code != 0:
         if code != 2:  # status 2: a rank printed its own error line already

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -51,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _launch(args: argparse.Namespace) -> int:
     """Re-run this command under the deepspeed launcher with ``--ranks`` processes."""
     from mtpeft.demo.launch import launcher_command
+    from mtpeft.launch.process_group import run_in_group
 
     base = launcher_command(Path(args.config), args.ranks, 0, [])
     cmd = base[:base.index("--module") + 1] + [
@@ -60,7 +60,7 @@ def _launch(args: argparse.Namespace) -> int:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     for item in args.set:
         cmd += ["--set", item]
-    return subprocess.call(cmd + (["--force"] if args.force else []))
+    return run_in_group(cmd + (["--force"] if args.force else []))
 
 
 def run(args: argparse.Namespace) -> int:

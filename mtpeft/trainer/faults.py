@@ -15,9 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mtpeft.data.dist import DistContext
-
-
-PREEMPTED_FILE_ENV = "MTPEFT_PREEMPTED_FILE"
+from mtpeft.launch.process_group import PREEMPTED_FILE_ENV
 
 
 class RunAborted(Exception):

@@ -154,3 +154,14 @@ def test_single_node_script_with_the_real_launcher(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == f"step{last}"
     assert f"checkpoint step{last} saved" in err and not left
+
+
+def test_mtpeft_demo_and_profile_forward_a_term_to_the_launchers_group(tmp_path):
+    """``mtpeft demo`` and ``mtpeft profile --ranks N`` start the launcher through
+    ``mtpeft.launch.process_group.run_in_group``: the same forwarding and exit status, from Python."""
+    driver = tmp_path / "driver.py"
+    driver.write_text("import sys\nfrom mtpeft.launch.process_group import run_in_group\n"
+                      f"sys.exit(run_in_group([{str(tmp_path / 'deepspeed')!r}]))\n")
+    code, err, rank = _run_and_terminate(tmp_path, ["-c", f"exec {sys.executable!r} {str(driver)!r}"], saves=True)
+    assert (tmp_path / "rank_saved").exists() and not _alive(rank)
+    assert code == 0 and "mtpeft: SIGTERM: checkpoint step7 saved" in err, (code, err)
