@@ -34,7 +34,10 @@ def check_run_folder(run_dir: Path, option: str, force: bool) -> None:
 
     check_folder_is_ours(run_dir, option, RUN_FOLDER_NAMES, force)
     export_dir = run_dir / "export"
-    foreign = foreign_entries(export_dir, EXPORT_FILES) if export_dir.is_dir() else ["export"] * export_dir.exists()
+    if export_dir.exists() and not export_dir.is_dir():
+        raise ConfigError(f"{option} {run_dir}: {export_dir} is a file, and the run exports into that folder when it "
+                          f"ends; move it away or name another output.dir")
+    foreign = foreign_entries(export_dir, EXPORT_FILES)
     if foreign:
         raise ConfigError(f"{option} {run_dir}: {export_dir} holds {foreign[0]!r}, which an export did not write, and "
                           f"the run replaces that folder when it ends; move it away or name another output.dir")

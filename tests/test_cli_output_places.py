@@ -122,15 +122,20 @@ def test_force_still_refuses_to_replace_a_file_under_one_of_mtpefts_names(setup,
     assert "holds 'metrics.json' beside files mtpeft did not write" in line and _hashes(mine) == before
 
 
-def test_a_run_folder_whose_export_folder_holds_a_users_file(setup, tmp_path, capsys):
+@pytest.mark.parametrize("as_file", [False, True])
+def test_a_run_folder_whose_export_is_a_users(setup, tmp_path, capsys, as_file):
     cfg, _ = setup
     out = tmp_path / "earlier"
-    (out / "export").mkdir(parents=True)
+    out.mkdir()
     (out / "config.yaml").write_text("model: {}\n")
-    (out / "export" / "my_adapter.bin").write_bytes(b"\x01")
+    if as_file:
+        (out / "export").write_bytes(b"\x01")
+    else:
+        (out / "export").mkdir()
+        (out / "export" / "my_adapter.bin").write_bytes(b"\x01")
     before = _hashes(out)
     line = _one_error(capsys, "train", str(cfg), "--set", f"output.dir={out}")
-    assert "export holds 'my_adapter.bin'" in line and _hashes(out) == before
+    assert ("export is a file" if as_file else "export holds 'my_adapter.bin'") in line and _hashes(out) == before
 
 
 @pytest.fixture(scope="module")
