@@ -132,11 +132,20 @@ def test_other_blocksize(monkeypatch, kernels):
     run_case(monkeypatch, kernels, (21, 96), 45, 3, torch.float32, True, True, False, blocksize=128)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("x_shape,k", [((3, 5), 384), ((40,), 640)])
-def test_split_k_kernel_serves_few_rows(monkeypatch, dtype, x_shape, k):
-    """Few rows and K a multiple of 128: the split-K kernel (uneven splits of 3 / 5 K steps, LoRA,
-    bias and IA3 in the last program's epilogue) — twice, so the tickets are reset between launches."""
+SPLIT_K_CASES = [
+    # x shape, K, N, r, dtype, double quant, bias, ia3, blocksize
+    ((3, 5), 384, 70, 5, torch.float32, True, True, True, 64),  # 3 K steps split 2 + 1
+    ((40,), 640, 70, 5, torch.bfloat16, True, True, True, 64),  # 5 K steps split 3 + 2
+    ((7,), 256, 129, 0, torch.float16, False, False, True, 64),  # IA3 only, N not a tile multiple
+    ((2, 8), 256, 33, 3, torch.bfloat16, True, False, False, 128),  # blocksize 128: one block per half tile
+]
+
+
+@pytest.mark.parametrize("x_shape,k,n,r,dtype,double_quant,with_bias,with_ia3,blocksize", SPLIT_K_CASES)
+def test_split_k_kernel_serves_few_rows(monkeypatch, x_shape, k, n, r, dtype, double_quant, with_bias, with_ia3,
+                                         blocksize):
+    """Few rows and K a multiple of 128: the split-K kernel (uneven splits, LoRA, bias and IA3 in the
+    last program's epilogue) — twice, so the tickets are reset between launches."""
     import importlib
 
     module = importlib.import_module("mtpeft.kernels.nf4_lora_linear")
@@ -144,8 +153,18 @@ def test_split_k_kernel_serves_few_rows(monkeypatch, dtype, x_shape, k):
     original = module.launch_split_k
     monkeypatch.setattr(module, "launch_split_k", lambda *a: launches.append(1) or original(*a))
     for _ in range(2):
-        run_case(monkeypatch, "fused", (*x_shape, k), 70, 5, dtype, True, True, True)
+        run_case(monkeypatch, "fused", (*x_shape, k), n, r, dtype, double_quant, with_bias, with_ia3,
+                 blocksize=blocksize)
     assert len(launches) == 2
+
+
+def test_blocksize_wider_than_the_split_k_tile_takes_the_row_major_kernel(monkeypatch):
+    """Blocksize 256 > BLOCK_K: the split-K kernel does not apply; the row-major fused kernel serves it."""
+    import importlib
+
+    module = importlib.import_module("mtpeft.kernels.nf4_lora_linear")
+    monkeypatch.setattr(module, "launch_split_k", lambda *a: pytest.fail("split-K for blocksize 256"))
+    run_case(monkeypatch, "fused", (9, 512), 40, 4, torch.float32, True, True, False, blocksize=256)
 
 
 @pytest.mark.parametrize("max_m,rows,path", [(4, 5, "dequant"), (5, 5, "fused"), (0, 1, "dequant")])
