@@ -31,28 +31,6 @@ class ModelConfig:
 
 
 @dataclass
-class PeftConfig:
-    method: str = "lora"
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: list = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    # bottleneck adapters (serial_adapter, parallel_adapter)
-    bottleneck: int = 64
-    adapter_activation: str = "relu"
-    adapter_scaling: float = 1.0
-    # prompt tuning (virtual tokens) and prefix tuning (per-layer key/value prefixes)
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    prefix_hidden: int = 512
-    # IA3: which projections get a learned scale, and which of them scale their input (feed-forward)
-    ia3_target_modules: list = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    ia3_feedforward_modules: list = field(default_factory=lambda: ["down_proj"])
-
-
-@dataclass
 class TaskConfig:
     name: str = ""
     kind: str = ""
@@ -120,7 +98,7 @@ class OutputConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
+    peft: Any = field(default_factory=lambda: peft_section_class()())  # the flat peft: section (see PeftConfig)
     tasks: list = field(default_factory=list)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
@@ -133,6 +111,20 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def peft_section_class() -> type:
+    """``PeftConfig``: ``method`` and the keys of every method's settings dataclass, built from the
+    tuner registry (imported on first use, so that loading this module does not import the tuners)."""
+    from mtpeft.tuners.registry import peft_section_class as built
+
+    return built()
+
+
+def __getattr__(name: str):
+    if name == "PeftConfig":
+        return peft_section_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -143,12 +135,10 @@ def _registered_choices() -> dict[str, tuple]:
     """Names that live in their registries (imported here, at validation, so that loading the config
     module does not import every tuner, sampler and weighting)."""
     from mtpeft.data.schedule import SAMPLER_KINDS
-    from mtpeft.kernels.bottleneck_adapter_reference import ACTIVATIONS
     from mtpeft.trainer.weighting import WEIGHTING_KINDS
     from mtpeft.tuners.registry import METHODS
 
-    return {"peft.method": tuple(METHODS), "peft.adapter_activation": tuple(ACTIVATIONS),
-            "sampler.kind": SAMPLER_KINDS, "weighting.kind": WEIGHTING_KINDS}
+    return {"peft.method": tuple(METHODS), "sampler.kind": SAMPLER_KINDS, "weighting.kind": WEIGHTING_KINDS}
 
 
 _PATH_KEYS = ("train", "eval")
@@ -230,7 +220,7 @@ def _apply_override(raw: dict, item: str) -> None:
 def _build(cls, raw: Any, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
-    hints = typing.get_type_hints(cls)
+    hints = {**typing.get_type_hints(cls), **({"peft": peft_section_class()} if cls is RunConfig else {})}
     names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     kwargs = {}
     for key, value in raw.items():
@@ -335,10 +325,6 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         value = getattr(t, key)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{source}: train.{key} must be 0 or more, got {value}")
-    if cfg.peft.r <= 0:
-        raise ConfigError(f"{source}: peft.r must be positive, got {cfg.peft.r}")
-    if not 0.0 <= cfg.peft.dropout < 1.0:
-        raise ConfigError(f"{source}: peft.dropout must be in [0, 1), got {cfg.peft.dropout}")
     _validate_peft(cfg.peft, source)
     out = Path(cfg.output.dir)
     if not out.is_absolute():
@@ -346,27 +332,15 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
     check_output_folder(Path(cfg.output.dir), f"{source}: output.dir")
 
 
-def _validate_peft(p: PeftConfig, source: str) -> None:
-    """The method-specific peft keys; which of them a method reads is the tuner registry's business."""
-    for key in ("bottleneck", "num_virtual_tokens", "prefix_hidden"):
-        if getattr(p, key) <= 0:
-            raise ConfigError(f"{source}: peft.{key} must be positive, got {getattr(p, key)}")
-    if not p.alpha > 0:
-        raise ConfigError(f"{source}: peft.alpha must be positive, got {p.alpha}")
-    if p.adapter_scaling != p.adapter_scaling or abs(p.adapter_scaling) == float("inf"):
-        raise ConfigError(f"{source}: peft.adapter_scaling must be a finite number, got {p.adapter_scaling}")
-    for key in ("target_modules", "ia3_target_modules", "ia3_feedforward_modules"):
-        names = getattr(p, key)
-        if not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"{source}: peft.{key} must be a list of module names, got {names!r}")
-    if not p.target_modules:
-        raise ConfigError(f"{source}: peft.target_modules is empty; list projections such as q_proj, v_proj")
-    if not p.ia3_target_modules:
-        raise ConfigError(f"{source}: peft.ia3_target_modules is empty; list projections such as k_proj, v_proj")
-    stray = [n for n in p.ia3_feedforward_modules if n not in p.ia3_target_modules]
-    if stray:
-        raise ConfigError(f"{source}: peft.ia3_feedforward_modules {stray} are not in peft.ia3_target_modules; "
-                          f"add them there or drop them")
+def _validate_peft(peft, source: str) -> None:
+    """Which keys a method reads and what values they take is its settings dataclass's business
+    (``tuners/registry.py``); here its ``ConfigError`` gets the file's name."""
+    from mtpeft.tuners.registry import check_section
+
+    try:
+        check_section(peft)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _looks_like_hub_id(value: str) -> bool:

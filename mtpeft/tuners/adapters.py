@@ -11,23 +11,35 @@ mtpeft's own (adapter_model.safetensors with the names below + the manifest in t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from mtpeft.errors import ConfigError
 from mtpeft.kernels.bottleneck_adapter import bottleneck_adapter
-from mtpeft.kernels.bottleneck_adapter_reference import check_activation
+from mtpeft.kernels.bottleneck_adapter_reference import ACTIVATIONS, check_activation
 from mtpeft.tuners.base import Tuner, WrappedLinear
 from mtpeft.tuners.family import replace_module
+from mtpeft.tuners.settings import MethodSettings, positive
 from mtpeft.tuners.structure import ffn_modules, find_blocks
 
 
 @dataclass
-class AdapterSettings:
+class AdapterSettings(MethodSettings):
+    """``peft.bottleneck``, ``peft.adapter_activation``, ``peft.adapter_scaling`` (serial and parallel)."""
+
     bottleneck: int = 64
-    activation: str = "relu"
-    scaling: float = 1.0
+    activation: str = field(default="relu", metadata={"key": "adapter_activation"})
+    scaling: float = field(default=1.0, metadata={"key": "adapter_scaling"})
+
+    def check(self) -> None:
+        positive("bottleneck", self.bottleneck)
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"peft.adapter_activation must be one of {', '.join(ACTIVATIONS)}, "
+                              f"got {self.activation!r}")
+        if not math.isfinite(self.scaling):
+            raise ConfigError(f"peft.adapter_scaling must be a finite number, got {self.scaling}")
 
 
 class BottleneckParams(nn.Module):

@@ -13,16 +13,33 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from mtpeft.errors import ConfigError
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import default_or_all_linear, find_linears, peft_target_names, replace_module
+from mtpeft.tuners.settings import MethodSettings, module_names
 from mtpeft.tuners.structure import find_blocks
 
 
 @dataclass
-class IA3Settings:
-    target_modules: list = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward_modules: list = field(default_factory=lambda: ["down_proj"])
+class IA3Settings(MethodSettings):
+    """``peft.ia3_target_modules`` (a learned scale each) and ``peft.ia3_feedforward_modules`` (those
+    of them that scale their input)."""
+
+    target_modules: list = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+                                 metadata={"key": "ia3_target_modules"})
+    feedforward_modules: list = field(default_factory=lambda: ["down_proj"],
+                                      metadata={"key": "ia3_feedforward_modules"})
+
+    def check(self) -> None:
+        module_names("ia3_target_modules", self.target_modules)
+        module_names("ia3_feedforward_modules", self.feedforward_modules)
+        if not self.target_modules:
+            raise ConfigError("peft.ia3_target_modules is empty; list projections such as k_proj, v_proj")
+        stray = [n for n in self.feedforward_modules if n not in self.target_modules]
+        if stray:
+            raise ConfigError(f"peft.ia3_feedforward_modules {stray} are not in peft.ia3_target_modules; "
+                              f"add them there or drop them")
 
 
 class IA3Linear(WrappedLinear):

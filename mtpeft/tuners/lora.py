@@ -15,18 +15,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtpeft.errors import ConfigError
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import default_or_all_linear, find_linears, peft_target_names, replace_module
+from mtpeft.tuners.settings import MethodSettings, module_names, positive
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(MethodSettings):
+    """``peft.r``, ``alpha``, ``dropout``, ``target_modules`` (LoRA and MTL-LoRA)."""
+
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
+
+    def check(self) -> None:
+        positive("r", self.r)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        positive("alpha", self.alpha)
+        module_names("target_modules", self.target_modules)
+        if not self.target_modules:
+            raise ConfigError("peft.target_modules is empty; list projections such as q_proj, v_proj")
 
     @property
     def scaling(self) -> float:

@@ -16,7 +16,8 @@ encoder, where HF peft silently skips the prefix, the export is mtpeft's own.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -27,13 +28,21 @@ from mtpeft.tuners.base import InputModule, Tuner, check_virtual_positions, peft
 from mtpeft.tuners.family import T5_TYPES, replace_module
 from mtpeft.tuners.structure import find_blocks
 from mtpeft.tuners.prompt import decoder_positions
+from mtpeft.tuners.settings import MethodSettings, positive
 
 
 @dataclass
-class PrefixSettings:
+class PrefixSettings(MethodSettings):
+    """``peft.num_virtual_tokens`` key/value positions per layer, optionally through a projection
+    (``peft.prefix_projection``) of width ``peft.prefix_hidden``."""
+
     num_virtual_tokens: int = 20
-    projection: bool = False
-    hidden: int = 512
+    projection: bool = field(default=False, metadata={"key": "prefix_projection"})
+    hidden: int = field(default=512, metadata={"key": "prefix_hidden"})
+
+    def check(self) -> None:
+        positive("num_virtual_tokens", self.num_virtual_tokens)
+        positive("prefix_hidden", self.hidden)
 
 
 def kv_layout(cfg) -> tuple[int, int, int]:
@@ -52,10 +61,16 @@ def cache_keyword(forward) -> str:
 
 
 class PrefixCarrier:
-    """Hands the prefix cache of the current forward to T5 self-attentions (see T5PrefixAttention)."""
+    """The prefix cache of the latest forward of one ``PrefixInput``, read by the T5 self-attentions
+    injected with it (T5's encoder stack drops a cache passed to it). One per injected model, made
+    at injection and held by its modules: two models never see each other's prefix."""
 
-    cache = None
-    tokens = 0
+    def __init__(self) -> None:
+        self.cache = None
+        self.tokens = 0
+
+    def hold(self, cache, tokens: int) -> None:
+        self.cache, self.tokens = cache, tokens
 
 
 class T5PrefixAttention(nn.Module):
@@ -78,11 +93,12 @@ class T5PrefixAttention(nn.Module):
 
 class PrefixInput(InputModule):
     virtual = 0
-    carrier = None  # set for T5 encoders
-    cache_keyword = "past_key_values"  # set at injection from the backbone's forward
 
-    def __init__(self, tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
+    def __init__(self, tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int,
+                 cache_keyword: str = "past_key_values", carrier: Optional[PrefixCarrier] = None):
+        """``cache_keyword``: the backbone forward's name for a cache; ``carrier``: for T5 encoders."""
         super().__init__()
+        self.cache_keyword, self.carrier = cache_keyword, carrier
         self.tokens, self.layers, self.kv_heads, self.head_dim = tokens, layers, kv_heads, head_dim
         width = layers * 2 * kv_heads * head_dim
         if projection:
@@ -123,7 +139,7 @@ class PrefixInput(InputModule):
         mask = torch.cat([attention_mask.new_ones(b, self.tokens), attention_mask], dim=1)
         cache = DynamicCache([(p[0], p[1]) for p in pairs])
         if self.carrier is not None:
-            self.carrier.cache, self.carrier.tokens = cache, self.tokens
+            self.carrier.hold(cache, self.tokens)
             return {"input_ids": input_ids, "attention_mask": attention_mask}
         out = {"input_ids": input_ids, "attention_mask": mask, self.cache_keyword: cache}
         if decoder:
@@ -144,11 +160,11 @@ class PrefixTuner(Tuner):
     def inject(self, backbone: nn.Module) -> PrefixInput:
         s: PrefixSettings = self.settings
         self.layout = kv_layout(backbone.config)
-        module = PrefixInput(s.num_virtual_tokens, *self.layout, s.projection, s.hidden)
-        module.cache_keyword = cache_keyword(backbone.forward)
-        if backbone.config.model_type in T5_TYPES:
+        t5 = backbone.config.model_type in T5_TYPES
+        module = PrefixInput(s.num_virtual_tokens, *self.layout, s.projection, s.hidden,
+                             cache_keyword(backbone.forward), PrefixCarrier() if t5 else None)
+        if t5:
             self.hf_peft = False
-            module.carrier = PrefixCarrier()
             for block in find_blocks(backbone):
                 attention, parent = backbone.get_submodule(block.attention), block.attention.rpartition(".")[0]
                 if not isinstance(backbone.get_submodule(parent), T5PrefixAttention):

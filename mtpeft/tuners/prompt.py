@@ -15,11 +15,17 @@ import torch.nn as nn
 
 from mtpeft.tuners.base import InputModule, Tuner, check_virtual_positions, peft_task_type
 from mtpeft.tuners.gather import gathered
+from mtpeft.tuners.settings import MethodSettings, positive
 
 
 @dataclass
-class PromptSettings:
+class PromptSettings(MethodSettings):
+    """``peft.num_virtual_tokens``: the learned tokens put before every input."""
+
     num_virtual_tokens: int = 20
+
+    def check(self) -> None:
+        positive("num_virtual_tokens", self.num_virtual_tokens)
 
 
 def decoder_positions(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``peft.method`` → the tuner that builds, exports and reloads it. The only place methods are named.
 
-Defaults (``PeftConfig``) follow the studies: LoRA and mtl_lora r=16, α=32, dropout 0.05 on every
+Defaults (each method's settings dataclass) follow the studies: LoRA and mtl_lora r=16, α=32, dropout 0.05 on every
 attention and MLP projection; bottleneck 64 (relu, scale 1) for both adapters; IA3 on k_proj, v_proj
 (output) and down_proj (input). Prompt and prefix tuning share ``num_virtual_tokens``, default 20:
 the code-generation study's prompt length and the top of the code-analysis study's prefix range
@@ -10,7 +10,9 @@ Names are the Llama ones; RoBERTa-style and T5 encoders map them through ``famil
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import functools
+from typing import Any, NamedTuple
 
 from mtpeft.errors import ConfigError
 from mtpeft.tuners.adapters import AdapterSettings, ParallelAdapterTuner, SerialAdapterTuner
@@ -20,39 +22,80 @@ from mtpeft.tuners.lora import LoraSettings, LoraTuner
 from mtpeft.tuners.mtl_lora import MtlLoraTuner
 from mtpeft.tuners.prefix import PrefixSettings, PrefixTuner
 from mtpeft.tuners.prompt import PromptSettings, PromptTuner
-
-if TYPE_CHECKING:
-    from mtpeft.config import PeftConfig
+from mtpeft.tuners.settings import field_default, read_settings, settings_fields
 
 
-def _lora(p: PeftConfig) -> LoraSettings:
-    return LoraSettings(r=p.r, alpha=p.alpha, dropout=p.dropout, target_modules=list(p.target_modules))
+class Method(NamedTuple):
+    tuner: type[Tuner]
+    settings: type  # its settings dataclass: the flat ``peft`` keys it reads, their defaults and checks
 
 
-def _adapter(p: PeftConfig) -> AdapterSettings:
-    return AdapterSettings(bottleneck=p.bottleneck, activation=p.adapter_activation, scaling=p.adapter_scaling)
-
-
-METHODS = {  # config validation and the memory planner read the names from here
-    "lora": (LoraTuner, _lora),
-    "mtl_lora": (MtlLoraTuner, _lora),
-    "serial_adapter": (SerialAdapterTuner, _adapter),
-    "parallel_adapter": (ParallelAdapterTuner, _adapter),
-    "ia3": (IA3Tuner, lambda p: IA3Settings(list(p.ia3_target_modules), list(p.ia3_feedforward_modules))),
-    "prompt": (PromptTuner, lambda p: PromptSettings(p.num_virtual_tokens)),
-    "prefix": (PrefixTuner, lambda p: PrefixSettings(p.num_virtual_tokens, p.prefix_projection, p.prefix_hidden)),
+METHODS = {  # config validation, the peft section's keys and the memory planner read the names from here
+    "lora": Method(LoraTuner, LoraSettings),
+    "mtl_lora": Method(MtlLoraTuner, LoraSettings),
+    "serial_adapter": Method(SerialAdapterTuner, AdapterSettings),
+    "parallel_adapter": Method(ParallelAdapterTuner, AdapterSettings),
+    "ia3": Method(IA3Tuner, IA3Settings),
+    "prompt": Method(PromptTuner, PromptSettings),
+    "prefix": Method(PrefixTuner, PrefixSettings),
 }
+
+
+def method_keys(method: str) -> tuple[str, ...]:
+    """The flat ``peft`` keys ``method`` reads (besides ``method``)."""
+    return tuple(settings_fields(METHODS[method].settings))
+
+
+def peft_section_class() -> type:
+    """The flat ``peft:`` section users write: ``method`` and every registered method's keys, each
+    with the type and default its settings class gives (a key two methods share must agree). Built
+    from the registry, so a new method's keys are valid YAML without editing ``config.py``; keys
+    of methods other than the chosen one are kept (a config may switch with ``--set peft.method=``,
+    and a run's ``config.yaml`` has always held them all)."""
+    return _section_class(tuple(dict.fromkeys(m.settings for m in METHODS.values())))
+
+
+@functools.cache
+def _section_class(settings_classes: tuple) -> type:
+    fields: dict[str, tuple] = {"method": ("method", str, dataclasses.field(default="lora"))}
+    for settings in settings_classes:
+        for key, (f, hint) in settings_fields(settings).items():
+            if key in fields:
+                if fields[key][1] != hint or field_default(fields[key][2]) != field_default(f):
+                    raise TypeError(f"peft.{key}: methods disagree on its type or default")
+                continue
+            default = (dataclasses.field(default_factory=f.default_factory)
+                       if f.default_factory is not dataclasses.MISSING else dataclasses.field(default=f.default))
+            fields[key] = (key, hint, default)
+    cls = dataclasses.make_dataclass("PeftConfig", list(fields.values()), namespace={
+        "__doc__": "The flat ``peft:`` section; ``settings()`` is the chosen method's settings object.",
+        "settings": lambda self: method_settings(self),
+    })
+    cls.__module__ = "mtpeft.config"  # where pickle finds it (config's module __getattr__)
+    return cls
+
+
+def method_settings(peft: Any) -> Any:
+    """The settings object of ``peft.method``, read from the flat ``peft`` section."""
+    if peft.method not in METHODS:
+        raise ConfigError(f"peft.method must be one of {', '.join(METHODS)}, got {peft.method!r}")
+    return read_settings(METHODS[peft.method].settings, peft)
+
+
+def check_section(peft: Any) -> None:
+    """Every registered settings class checks the keys it reads (a bad value is an error whichever
+    method is chosen, so switching ``peft.method`` never meets a bad value late)."""
+    for cls in dict.fromkeys(m.settings for m in METHODS.values()):
+        read_settings(cls, peft).check()
 
 
 def planned_as(method: str) -> str:
     """The method whose memory and FLOPs the planner models for ``method`` (mtl_lora: its LoRA; the
     per-task r×r matrices are negligible)."""
-    return METHODS[method][0].planned_as or method
+    return METHODS[method].tuner.planned_as or method
 
 
-def make_tuner(peft: PeftConfig, task_names: list[str]) -> Tuner:
+def make_tuner(peft: Any, task_names: list[str]) -> Tuner:
     """The tuner of ``peft.method``, with its settings read from the ``peft`` section."""
-    if peft.method not in METHODS:
-        raise ConfigError(f"peft.method must be one of {', '.join(METHODS)}, got {peft.method!r}")
-    cls, settings = METHODS[peft.method]
-    return cls(settings(peft), task_names)
+    settings = method_settings(peft)
+    return METHODS[peft.method].tuner(settings, task_names)
