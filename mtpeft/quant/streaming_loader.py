@@ -134,7 +134,11 @@ class ShardedCheckpoint:
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get ``meta`` parameters (no memory) but real buffers (rotary tables)."""
+    """Modules built inside get ``meta`` parameters (no memory) but real buffers (rotary tables).
+
+    The one patch of a torch class in mtpeft (accelerate's ``init_empty_weights`` makes the same):
+    ``nn.Module.register_parameter`` is swapped only for the ``with`` block and put back in
+    ``finally``, whatever is raised inside; the skeleton is built in one thread, inside it."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:

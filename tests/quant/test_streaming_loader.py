@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mtpeft.errors import CheckpointError
 from mtpeft.quant import QuantLinear, quantize_model
-from mtpeft.quant.streaming_loader import load_quantized_backbone
+from mtpeft.quant.streaming_loader import load_quantized_backbone, parameters_on_meta
 from distributed import REPO, deepspeed_cmd, env
 
 SCRIPT = REPO / "tests" / "dist_scripts" / "streaming_load.py"
@@ -229,3 +229,16 @@ def test_shape_mismatch_names_file_and_key(tiny, tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"{shard.name}: '{key}' has shape \(64, 191\) .* gives \(64, 192\)"):
         load_quantized_backbone(ckpt, None)
+
+
+def test_parameters_on_meta_patch_lives_only_inside_the_block_even_after_an_error():
+    original = torch.nn.Module.register_parameter
+    with pytest.raises(ValueError, match="inside"):
+        with parameters_on_meta():
+            layer = torch.nn.Linear(3, 2)
+            layer.register_buffer("table", torch.ones(2))
+            assert layer.weight.device.type == "meta" and layer.table.device.type == "cpu"
+            assert torch.nn.Module.register_parameter is not original
+            raise ValueError("inside")
+    assert torch.nn.Module.register_parameter is original
+    assert torch.nn.Linear(3, 2).weight.device.type == "cpu"
