@@ -15,6 +15,17 @@ bytes of the model states (weights, quantization constants, trainable parameters
 states), and the resident / CUDA-allocator peak while the variant ran. Then the multitask question:
 one shared module for all tasks versus one module per task (trainable parameters, bytes on disk,
 training FLOPs for the same examples).
+
+Why this study does not run through ``trainer.recipe.Recipe`` (as ``train``, ``profile`` and
+``compare`` do): the recipe's model is what ``trainer.build`` makes of the config and its optimizer
+is a DeepSpeed engine (ZeRO-3 partitions, DeepSpeed's AdamW, warmup schedule, a param group per
+head, loss weighting). Two of the four variants are other libraries' models (HF peft LoRA, and
+``bitsandbytes`` ``Params4bit`` under it, which ZeRO-3 cannot partition), and the study's numbers
+are the exact, unpartitioned bytes of plain ``torch.optim.AdamW`` states and the time of a bare
+forward/backward/step, the same for every variant. Swapping the model in a recipe hook would change
+every one of those numbers. What the study shares with the recipe is public: the tasks
+(``loop.prepare_tasks``), the schedule (``MultitaskState``), the rank's batch (``loop.micro_batch``),
+the tuner (``build.assemble``) and the task kinds' loss and token count.
 """
 
 from __future__ import annotations
