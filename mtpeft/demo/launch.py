@@ -62,6 +62,8 @@ def run_demo(config: Path, out: Path, ranks: int, overrides: list[str], port: in
             print(f"error: the deepspeed launcher exited with status {code}; see the rank output above",
                   file=sys.stderr)
         return 2 if code == 2 else 1
+    if not (out / "metrics.json").is_file():  # stopped by a signal once its checkpoint was saved (said above)
+        return 0
     metrics = json.loads((out / "metrics.json").read_text())
     beats = all(m["value"] > m["chance"] for m in metrics.values())
     print(f"demo finished in {wall:.0f} s on {ranks} rank(s); every task beats chance: {beats}")

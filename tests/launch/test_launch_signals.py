@@ -165,3 +165,13 @@ def test_mtpeft_demo_and_profile_forward_a_term_to_the_launchers_group(tmp_path)
     code, err, rank = _run_and_terminate(tmp_path, ["-c", f"exec {sys.executable!r} {str(driver)!r}"], saves=True)
     assert (tmp_path / "rank_saved").exists() and not _alive(rank)
     assert code == 0 and "mtpeft: SIGTERM: checkpoint step7 saved" in err, (code, err)
+
+
+def test_a_preempted_demo_ends_quietly(tmp_path, capsys, monkeypatch):
+    """After run_in_group reports a saved preemption (0) the demo has no metrics to show: no traceback."""
+    import mtpeft.demo.launch as demo
+    from mtpeft.cli import main
+
+    monkeypatch.setattr(demo, "run_in_group", lambda cmd: 0)
+    assert main(["demo", "--ranks", "1", "--out", str(tmp_path / "d")]) == 0
+    assert "error" not in capsys.readouterr().err
