@@ -187,8 +187,11 @@ def _unguarded_write(exc: Exception) -> UserError | None:
     why = reason(exc)
     if why is None:
         return None
-    where = getattr(exc, "filename", None) or "a file mtpeft was writing"
-    return WriteError(f"{where}: cannot be written, {why}; {FREE_SPACE}")
+    where = getattr(exc, "filename", None)
+    if isinstance(exc, PermissionError):  # a read as much as a write
+        return UserError(f"{where or 'a file mtpeft needs'}: permission denied; give this user access to it or "
+                         "choose another path") if where else None
+    return WriteError(f"{where or 'a file mtpeft was writing'}: cannot be written, {why}; {FREE_SPACE}")
 
 
 def main(argv: list[str] | None = None) -> int:

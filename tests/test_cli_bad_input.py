@@ -203,6 +203,9 @@ def _raising(exc):
     (OSError(122, "Disk quota exceeded"), "error: a file mtpeft was writing: cannot be written, the disk quota is used up"),
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
      "the disk is full or a file-size limit was reached"),
+    (PermissionError(13, "Permission denied", "/data/devign.jsonl"), "error: /data/devign.jsonl: permission denied;"),
+    (OSError(30, "Read-only file system", "/ro/run/x"), "error: /ro/run/x: cannot be written, the file system is "
+                                                        "read-only"),
 ])
 def test_a_write_that_fails_under_a_library_is_one_line(capsys, monkeypatch, exc, expect):
     """The boundary for writes no ``failed_writes.writing`` guards (the real-disk cases, through the
