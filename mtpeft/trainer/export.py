@@ -92,7 +92,9 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext, force: bool =
     then = (f"{'the previous export in ' + str(out_dir) + ' is unchanged' if out_dir.exists() else 'nothing was left'}"
             f"; {FREE_SPACE}")
     with writing(out_dir, then):
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))  # never a user's folder
+        # beside others' files: written inside the folder, then moved into place file by file; else a new
+        # folder beside it that replaces it whole (never a user's folder)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir if beside else out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
         try:
             peft_cfg = tuner.peft_config(model, cfg.model.name_or_path)
             if peft_cfg is not None:
