@@ -5,11 +5,13 @@ leaves the lock behind, and every later run hangs at start-up without a word.
 
 So before a run builds anything, local rank 0 looks for lock files in the torch-extensions cache
 (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions/<python>_<accelerator>``). A lock that a
-process on this machine holds open is a build in progress (torch keeps the file open while it
-builds). A lock nobody here holds, in a folder nothing has written to for ``STALE_AFTER_S``, was
-left by a killed build: one error line names the file to remove. A younger one may be another
-node's build on a shared home folder: a note says what is being waited on. Building the op at
-install time would not help: a torch or DeepSpeed upgrade rebuilds it at the next run."""
+process on this machine holds open is a build in progress (torch keeps the file open from the moment
+it creates it until the build ends). On a local file system nobody else can hold it, so an unheld
+lock older than a few seconds was left by a killed build: one error line names the file to remove.
+On a shared one (NFS, Lustre, ...) another node may be building: the lock counts as stale once its
+folder has not changed for ``STALE_AFTER_S``, and before that a note says what is waited on.
+Building the op at install time would not help: a torch or DeepSpeed upgrade rebuilds it at the
+next run, and a killed install leaves the same lock."""
 
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ from pathlib import Path
 
 from mtpeft.errors import LaunchError
 
-STALE_AFTER_S = 300.0
+STALE_AFTER_S = 300.0  # on a shared file system
+LOCAL_GRACE_S = 10.0  # a lock created while /proc was being read
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
+                       "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "panfs", "wekafs", "9p", "afs", "orangefs")
 
 
 def extensions_root() -> Path:
@@ -56,6 +61,22 @@ def holders(lock: Path) -> list[int]:
     return found
 
 
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (from /proc/mounts; "" when unknown)."""
+    target, best, kind = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3:
+                    point = parts[1].replace("\\040", " ")
+                    if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                        best, kind = point, parts[2]
+    except OSError:
+        return ""
+    return kind
+
+
 def _last_write(folder: Path) -> float:
     times = []
     for p in folder.iterdir():
@@ -73,15 +94,17 @@ def check_extension_locks(root: Path | None = None, now: float | None = None,
     if not root.is_dir():
         return []
     now = time.time() if now is None else now
+    shared = filesystem_type(root) in SHARED_FILE_SYSTEMS
     waiting = []
     for lock in sorted(root.glob("*/lock")):
         if holders(lock):
             continue  # a build in progress on this machine; torch waits for it, as it should
         idle = now - _last_write(lock.parent)
-        if idle > stale_after_s:
-            raise LaunchError(f"{lock}: a DeepSpeed op build was interrupted (nothing holds this lock and "
-                              f"{lock.parent} has not changed for {idle / 60:.0f} min), and every run would wait on "
-                              f"it forever; remove the file (rm {lock}) and rerun")
+        if idle > (stale_after_s if shared else LOCAL_GRACE_S):
+            since = f"{idle / 60:.0f} min" if idle >= 60 else f"{idle:.0f} s"
+            raise LaunchError(f"{lock}: a DeepSpeed op build was interrupted (no process on this machine holds this "
+                              f"lock and {lock.parent} has not changed for {since}), and every run would wait on it "
+                              f"forever; remove the file (rm {lock}) and rerun")
         print(f"note: waiting for {lock} (a DeepSpeed op build); no process on this machine holds it: if no other "
               f"node is building, remove it", file=sys.stderr, flush=True)
         waiting.append(lock)

@@ -11,7 +11,8 @@ import pytest
 from builders import demo_config_file
 from mtpeft.cli import main
 from mtpeft.errors import LaunchError
-from mtpeft.launch.extension_lock import check_extension_locks, extensions_root
+import mtpeft.launch.extension_lock as extension_lock
+from mtpeft.launch.extension_lock import check_extension_locks, extensions_root, filesystem_type
 
 HOUR_AGO = time.time() - 3600
 
@@ -41,6 +42,24 @@ def test_a_lock_held_by_a_live_build_is_waited_on(tmp_path):
         assert check_extension_locks(tmp_path) == []
     finally:
         os.close(fd)
+
+
+def test_on_a_local_disk_an_unheld_lock_is_stale_within_seconds(tmp_path):
+    assert filesystem_type(tmp_path) not in extension_lock.SHARED_FILE_SYSTEMS
+    _fake_build(tmp_path, age_s=30)
+    with pytest.raises(LaunchError, match=r"has not changed for 30 s"):
+        check_extension_locks(tmp_path)
+
+
+def test_on_a_shared_file_system_another_node_may_be_building(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(extension_lock, "filesystem_type", lambda path: "nfs4")
+    lock = _fake_build(tmp_path, age_s=60)
+    assert check_extension_locks(tmp_path) == [lock]
+    assert capsys.readouterr().err.startswith(f"note: waiting for {lock}")
+    os.utime(lock.parent / "build.ninja", (HOUR_AGO, HOUR_AGO))
+    os.utime(lock, (HOUR_AGO, HOUR_AGO))
+    with pytest.raises(LaunchError, match=r"has not changed for 60 min"):
+        check_extension_locks(tmp_path)
 
 
 def test_a_young_lock_nobody_here_holds_is_a_note(tmp_path, capsys):
