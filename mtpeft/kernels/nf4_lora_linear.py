@@ -22,6 +22,8 @@ import triton.language as tl
 
 from mtpeft.kernels.backend import empty_output, interpreter_enabled, nf4_path, use_triton
 from mtpeft.kernels.nf4_dequant import quant_kernel_args
+from mtpeft.kernels.keyed_dropout import keyed_dropout
+from mtpeft.kernels.lora_keyed_dropout import KeyedMask
 from mtpeft.kernels.nf4_lora_linear_dequant import DequantNF4LoRALinearFunction
 from mtpeft.kernels.nf4_split_k import applies as split_k_applies
 from mtpeft.kernels.nf4_split_k import launch_split_k
@@ -330,6 +332,7 @@ def nf4_lora_linear(
     bias: Optional[torch.Tensor] = None,
     ia3: Optional[torch.Tensor] = None,
     lora_x: Optional[torch.Tensor] = None,
+    lora_dropout: Optional[KeyedMask] = None,
 ) -> torch.Tensor:
     """``(x·deq(W)ᵀ + scaling·(lora_x·Aᵀ)·Bᵀ + bias) * ia3`` with W frozen NF4; lora_x defaults to x.
 
@@ -337,7 +340,10 @@ def nf4_lora_linear(
     QuantLinear's ``quant_weight``; asked again in backward, see ``resolve_weight``); lora_A
     ``[r, K]`` and lora_B ``[N, r]`` (both None for an IA3-only or frozen layer); bias and ia3
     ``[N]``; lora_x like x, for LoRA dropout: pass
-    ``dropout(x)`` and autograd carries its gradient back through the dropout. Gradients flow to
+    ``dropout(x)`` and autograd carries its gradient back through the dropout. Or, for mtpeft's keyed
+    dropout, ``lora_dropout`` (a ``KeyedMask``: the rows' keys, the site, p) instead of lora_x: the
+    same result as ``lora_x = keyed_dropout(x, ...)``, and on the dequant path the mask is drawn
+    inside the rank-r kernels (x' never stored). Gradients flow to
     x, lora_x, lora_A, lora_B, ia3 and (if it requires one) bias. Triton on CUDA, the torch
     reference on CPU (see backend); on Triton, the fused kernels below up to
     ``backend.fused_max_m()`` rows, dequantization + cuBLAS (``nf4_lora_linear_dequant``) above.
@@ -346,8 +352,16 @@ def nf4_lora_linear(
         raise ValueError("nf4_lora_linear: pass both lora_A and lora_B, or neither")
     if lora_x is not None and lora_x.shape != x.shape:
         raise ValueError(f"nf4_lora_linear: lora_x has shape {tuple(lora_x.shape)}, x {tuple(x.shape)}")
+    if lora_x is not None and lora_dropout is not None:
+        raise ValueError("nf4_lora_linear: pass lora_x or lora_dropout, not both")
+    triton_path = None
     if use_triton(x.device):
-        rows = x.numel() // max(1, x.shape[-1])
-        op = NF4LoRALinearFunction if nf4_path(rows, x.dtype) == "fused" else DequantNF4LoRALinearFunction
-        return op.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
+        triton_path = nf4_path(x.numel() // max(1, x.shape[-1]), x.dtype)
+    if lora_dropout is not None and lora_A is not None and triton_path != "dequant":
+        lora_x = keyed_dropout(x, lora_dropout.row_keys, lora_dropout.site, lora_dropout.p)
+    if triton_path == "dequant":
+        keyed = lora_dropout if lora_A is not None else None
+        return DequantNF4LoRALinearFunction.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling), keyed)
+    if triton_path == "fused":
+        return NF4LoRALinearFunction.apply(x, lora_x, lora_A, lora_B, bias, ia3, qweight, float(scaling))
     return nf4_lora_linear_reference(x, qweight, lora_A, lora_B, scaling, bias, ia3, lora_x)

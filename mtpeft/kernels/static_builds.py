@@ -52,7 +52,7 @@ def _signature(kernel, dtype: str, scalars: dict) -> dict:
             sig[name] = _QUANT_TYPES[name]
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
-        elif name.isupper() and name not in ("M", "N", "K", "R", "M_BUCKET"):
+        elif name.isupper() and name not in ("M", "N", "K", "R", "T", "M_BUCKET"):
             continue  # constexpr
         else:
             sig[name] = "i32"
@@ -124,6 +124,22 @@ def _dropout_specs(dtype: str) -> Iterator[BuildSpec]:
                     _signature(kd.keyed_dropout_kernel, dtype, {"key_ptr": "*i64", "threshold_signed": "i32",
                                                                 "keep_prob": "fp32"}),
                     dict(BLOCK=kd.BLOCK), dict(inner=SHAPE["K"] * 2048), kd.NUM_WARPS, 3, None, dtype, False)
+    lkd = _module("lora_keyed_dropout")
+    m, k, r = SHAPE["M"], SHAPE["K"], SHAPE["R"]
+    scalars = {"key_ptr": "*i64", "part_ptr": "*fp32", "threshold_signed": "i32", "keep_scale": "fp32"}
+    bm, bk = lkd.TILES["fp32" if dtype == "fp32" else "16-bit"]
+    common = dict(IEEE=dtype == "fp32", BLOCK_R=16, BLOCK_M=bm, BLOCK_K=bk)
+    for name, ints, tile in (
+            ("dropout_xa", dict(M=m, K=k, T=2048, R=r, k_per_split=k // 2, stride_xm=k, stride_ar=k),
+             (bm, 16, bk)),
+            ("dropout_tail", dict(M=m, K=k, T=2048, R=r, stride_dxm=k, stride_gm=r, stride_ar=k),
+             (bm, bk, 16)),
+            ("dropout_da", dict(M=m, K=k, T=2048, R=r, m_per_split=m // 4, stride_xm=k, stride_gm=r),
+             (16, bk, bm))):
+        kernel = getattr(lkd, name + "_kernel")
+        yield BuildSpec(f"{name} {bm}x{bk} w{lkd.NUM_WARPS}", kernel,
+                        _signature(kernel, dtype, scalars), dict(common), ints, lkd.NUM_WARPS, lkd.NUM_STAGES, tile,
+                        dtype, dtype != "fp32")
 
 
 def _adapter_specs(dtype: str) -> Iterator[BuildSpec]:

@@ -288,3 +288,35 @@ def test_weight_given_as_callable_is_asked_again_in_backward(monkeypatch, kernel
     y_ref = nf4_lora_linear(x_ref, q, a, b, 0.5)
     y_ref.backward(torch.ones_like(y_ref))
     assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("kernels", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_shape", [(3, 50, 200), (70, 256)])
+def test_keyed_lora_dropout_matches_float64(monkeypatch, kernels, dtype, x_shape):
+    """lora_dropout (mtpeft's keyed mask, drawn inside the rank-r kernels on the dequant path, by
+    keyed_dropout elsewhere) against float64 with the reference keep mask: y and the gradients of x,
+    A and B; rows of a 3-D x map to (example, position) as keyed_dropout indexes them."""
+    from mtpeft.kernels.keyed_dropout_reference import keep_mask
+    from mtpeft.kernels.lora_keyed_dropout import KeyedMask
+
+    monkeypatch.setenv("MTPEFT_KERNELS", kernels)
+    gen = torch.Generator().manual_seed(sum(x_shape))
+    k, n, r, p, s = x_shape[-1], 90, 6, 0.3, 0.5
+    q, w_deq = bnb_nf4(torch.randn(n, k, generator=gen).to(dtype), True)
+    x = torch.randn(*x_shape, generator=gen).to(dtype).requires_grad_()
+    a = (torch.randn(r, k, generator=gen) / k**0.5).requires_grad_()
+    b = torch.randn(n, r, generator=gen).requires_grad_()
+    keys = torch.randint(-2**62, 2**62, (x_shape[0],), generator=gen, dtype=torch.int64)
+    dy = torch.randn(*x_shape[:-1], n, generator=gen).to(dtype)
+    with backend.poisoned_outputs():
+        y = nf4_lora_linear(x, q, a, b, s, lora_dropout=KeyedMask(keys, 0xC0FFEE, p))
+        y.backward(dy)
+    keep = keep_mask(keys, 0xC0FFEE, x.shape, p).double() / (1 - p)
+    x64, a64, b64 = (t.detach().to(dtype).double().requires_grad_() for t in (x, a, b))
+    y64 = x64 @ w_deq.double().t() + s * ((x64 * keep) @ a64.t()) @ b64.t()
+    y64.backward(dy.double())
+    tol = TOLERANCE[dtype]
+    errors = {"y": rel_err(y.detach(), y64.detach()), "dx": rel_err(x.grad, x64.grad),
+              "dA": rel_err(a.grad, a64.grad), "dB": rel_err(b.grad, b64.grad)}
+    assert all(e <= tol for e in errors.values()), (kernels, dtype, errors)
