@@ -151,16 +151,19 @@ class QuantLinear(nn.Module):
 
     def fused(self, x: torch.Tensor, lora_A: Optional[torch.Tensor] = None, lora_B: Optional[torch.Tensor] = None,
               scaling: float = 1.0, lora_x: Optional[torch.Tensor] = None,
-              ia3: Optional[torch.Tensor] = None) -> torch.Tensor:
+              ia3: Optional[torch.Tensor] = None, lora_dropout: Any = None) -> torch.Tensor:
         """The one entry point tuners call on a 4-bit base: the base GEMM with a LoRA term (its
         branch reading ``lora_x``, e.g. ``dropout(x)``, when given) or an IA3 output scale, in one
-        fused NF4 op (``kernels.nf4_lora_linear``), while ZeRO-3 has the parameters gathered."""
+        fused NF4 op (``kernels.nf4_lora_linear``), while ZeRO-3 has the parameters gathered.
+        ``lora_dropout`` (a ``kernels.lora_keyed_dropout.KeyedMask``) instead of ``lora_x``: keyed
+        dropout on the LoRA branch, drawn by the kernels."""
         from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         a = lora_A.to(x.dtype) if lora_A is not None else None
         b = lora_B.to(x.dtype) if lora_B is not None else None
-        return nf4_lora_linear(x, self.quant_weight, a, b, scaling, bias, ia3=ia3, lora_x=lora_x)
+        return nf4_lora_linear(x, self.quant_weight, a, b, scaling, bias, ia3=ia3, lora_x=lora_x,
+                               lora_dropout=lora_dropout)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantLinear":
         storage = {id(p) for p in self.quant_parameters()}

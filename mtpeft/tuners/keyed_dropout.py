@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from mtpeft.kernels.keyed_dropout import keyed_dropout
 from mtpeft.kernels.keyed_dropout_reference import hash32, keep_mask, mix
+from mtpeft.kernels.lora_keyed_dropout import KeyedMask
 
 __all__ = ["DropoutKeys", "KeyedDropout", "hash32", "keep_mask", "key_dropouts", "mix", "site_key"]
 
@@ -64,6 +65,13 @@ class KeyedDropout(nn.Module):
     def __init__(self, p: float, keys: DropoutKeys, site: int):
         super().__init__()
         self.p, self.keys, self.site = p, keys, site
+
+    def mask_for(self, x: torch.Tensor) -> Optional[KeyedMask]:
+        """The mask ``forward(x)`` would draw, for a kernel to draw it itself (None: not keyed now)."""
+        if not self.training or self.p == 0 or x.dim() == 0:
+            return None
+        rows = self.keys.rows(x.shape[0])
+        return None if rows is None else KeyedMask(rows, self.site, self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:

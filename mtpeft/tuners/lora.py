@@ -19,6 +19,7 @@ from mtpeft.errors import ConfigError
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
 from mtpeft.tuners.family import default_or_all_linear, find_linears, peft_target_names, replace_module
+from mtpeft.tuners.keyed_dropout import KeyedDropout
 from mtpeft.tuners.settings import MethodSettings, module_names, positive
 
 
@@ -66,11 +67,16 @@ class LoraLinear(WrappedLinear):
 def lora_forward(base: nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                  dropout: nn.Module, training: bool) -> torch.Tensor:
     """``base(x) + s·dropout(x)·Aᵀ·Bᵀ``. On a 4-bit base (a ``QuantLinear``) its one fused entry point
-    does it all, dropout included (the LoRA branch reads ``lora_x = dropout(x)``)."""
+    does it all, dropout included: mtpeft's keyed dropout as a mask the kernels redraw
+    (``lora_dropout``), any other dropout as the LoRA branch's input ``lora_x = dropout(x)``."""
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if isinstance(base, QuantLinear):
-        lora_x = None if isinstance(dropout, nn.Identity) or not training else dropout(x)
-        return base.fused(x, a, b, scaling, lora_x=lora_x)
+        if isinstance(dropout, nn.Identity) or not training:
+            return base.fused(x, a, b, scaling)
+        mask = dropout.mask_for(x) if isinstance(dropout, KeyedDropout) else None
+        if mask is not None:  # the kernels draw the keyed mask themselves (x' never stored)
+            return base.fused(x, a, b, scaling, lora_dropout=mask)
+        return base.fused(x, a, b, scaling, lora_x=dropout(x))
     return base(x) + F.linear(F.linear(dropout(x), a), b) * scaling
 
 

@@ -104,3 +104,39 @@ def test_model_losses_do_not_depend_on_the_split_with_dropout_on(tmp_path):
         del batch["row_keys"]  # no keys: per-rank random dropout, the split changes the loss
         whole, split = _losses(model, task.kind, batch, halves)
         assert whole != pytest.approx(split, rel=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["dequant", "fused"])
+def test_lora_on_a_4bit_base_draws_the_keyed_mask_in_the_kernels(monkeypatch, kernels):
+    """LoRA with keyed dropout on a QuantLinear: the Triton paths (the dequant path redraws the mask
+    inside its rank-r kernels, the fused path materializes it) give the torch path's output and
+    gradients, and differ from the same layer without dropout (the mask is applied)."""
+    from mtpeft.quant import QuantLinear
+    from mtpeft.tuners.keyed_dropout import key_dropouts
+    from mtpeft.tuners.lora import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(QuantLinear.from_linear(torch.nn.Linear(128, 48)), r=4, alpha=8, dropout=0.25)
+    torch.nn.init.normal_(layer.lora_B, std=0.5)
+    keys = DropoutKeys()
+    assert key_dropouts(layer, keys) == 1
+    keys.begin(torch.tensor([11, 12, 13], dtype=torch.int64))
+    keys.next_pass()
+    x = torch.randn(3, 10, 128)
+    dy = torch.randn(3, 10, 48)
+
+    def run(mode, train=True):
+        monkeypatch.setenv("MTPEFT_KERNELS", mode)
+        layer.train(train)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        return y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    want = run("torch")
+    got = run(kernels)
+    for w, g in zip(want, got):
+        assert ((g - w).abs().max() / w.abs().max()).item() <= 1e-5
+    undropped = run("torch", train=False)[0]
+    assert not torch.allclose(undropped, want[0], atol=1e-3)
