@@ -14,7 +14,7 @@ No GPU: every number printed is an **estimate** from a stated model, not a measu
   the tail folded, dA = gᵀ·x (reads x).
 - (d) mtpeft's split-K forward for few rows: the larger of its byte time and its issue time, the
   latter from the instructions per weight element of the compiled kernel
-  (``mtpeft.kernels.compiled_code``, read here unless ``--instr-per-element`` is given).
+  (``mtpeft.kernels.compiled_code``, compiled here); the keyed-dropout kernels likewise.
 
     python bench/estimate_4bit_paths.py
 """
@@ -59,12 +59,22 @@ def large_m(m: int, k: int, n: int, gpu: str) -> dict:
              "GEMM dx": gemm(2 * m * (n + R) * k), "dA = g^T x (read x)": stream(mk) + gemm(2 * m * R * k)}
     e_fwd = sum(v for key, v in parts.items() if key in ("dequant fwd", "GEMM [y|xA]", "LoRA add (y read+write)"))
     e = {"fwd": e_fwd, "fwdbwd": sum(parts.values())}
-    # LoRA dropout (keyed_dropout kernel, one pass each way): x' written and read for x'·Aᵀ (no fold),
-    # g·A written, dropout's backward, autograd's accumulation into dx; the [dy, g] copy is not made.
-    dropout_bytes = (2 * mk + mk) + (mk + 2 * mk + 3 * mk) - mn
-    e_dropout = e["fwdbwd"] + stream(dropout_bytes)
-    return {"a": a, "b": {"fwd": b_fwd, "fwdbwd": b_fwd + b_bwd}, "e": e, "e_parts": parts,
-            "e_dropout": e_dropout, "dropout_bytes": dropout_bytes}
+    return {"a": a, "b": {"fwd": b_fwd, "fwdbwd": b_fwd + b_bwd}, "e": e, "e_parts": parts}
+
+
+def with_keyed_dropout(m: int, k: int, n: int, gpu: str, ipe: dict) -> float:
+    """(e) with LoRA dropout drawn inside the rank-r kernels (``lora_keyed_dropout``): x·Aᵀ leaves the
+    fold for ``dropout_xa`` (reads x), dx's tail leaves the GEMM for ``dropout_tail`` (reads and writes
+    dx), dA is ``dropout_da`` (reads x) instead of cuBLAS, and the dy pass writes no [dy, g] copy.
+    Each kernel costs the larger of its bytes and its issue time (instructions per element)."""
+    _, bw, sms, clock = GPUS[gpu]
+    stream = lambda b: b / (bw * STREAM_EFF)  # noqa: E731
+    issue = lambda name: m * k * ipe[name] / (sms * 128 * clock)  # noqa: E731
+    base = large_m(m, k, n, gpu)
+    mk, mn = 2 * m * k, 2 * m * n
+    return (base["e"]["fwdbwd"] - stream(mn) - base["e_parts"]["dA = g^T x (read x)"]
+            + max(stream(mk), issue("dropout_xa")) + max(stream(2 * mk), issue("dropout_tail"))
+            + max(stream(mk), issue("dropout_da")))
 
 
 def small_m(m: int, k: int, n: int, gpu: str, instr_per_element: float) -> dict:
@@ -75,23 +85,32 @@ def small_m(m: int, k: int, n: int, gpu: str, instr_per_element: float) -> dict:
     return {"a": a, "d": max(d_bytes, d_issue), "d_bytes": d_bytes, "d_issue": d_issue}
 
 
-def split_k_instr_per_element() -> float:
+def instructions_per_element() -> dict:
+    """Per element of the tile a K step (or, without a loop, the whole program) covers, from the
+    compiled sm_90a code of the split-K forward and the three keyed-dropout rank-r kernels."""
     from mtpeft.kernels.compiled_code import compile_for_hopper
     from mtpeft.kernels.static_builds import all_specs
 
-    spec = next(s for s in all_specs(("bf16",)) if s.label.startswith("split-K") and "64x16x" in s.label
-                and s.label.endswith("split 8"))
-    got = compile_for_hopper(spec.label, spec.kernel, spec.signature, spec.constexprs, spec.ints,
-                             spec.num_warps, spec.num_stages)
-    block_n, _, block_k = spec.tile
-    return got.loop_instructions / (block_n * block_k / (32 * spec.num_warps))
+    wanted = {"split-K": lambda s: "64x16x" in s.label and s.label.endswith("split 8"),
+              "dropout_xa": lambda s: True, "dropout_tail": lambda s: True, "dropout_da": lambda s: True}
+    out = {}
+    for spec in all_specs(("bf16",)):
+        name = spec.label.split(" ")[0]
+        if name in wanted and name not in out and wanted[name](spec):
+            got = compile_for_hopper(spec.label, spec.kernel, spec.signature, spec.constexprs, spec.ints,
+                                     spec.num_warps, spec.num_stages)
+            a, b, c = spec.tile
+            elements = {"split-K": a * c, "dropout_xa": a * c, "dropout_tail": a * b, "dropout_da": b * c}[name]
+            count = got.loop_instructions or got.total_instructions
+            out[name] = count / (elements / (32 * spec.num_warps))
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--instr-per-element", type=float, help="skip compiling the split-K kernel; use this count")
     args = p.parse_args(argv)
-    ipe = args.instr_per_element or split_k_instr_per_element()
+    counts = instructions_per_element()
+    ipe = counts["split-K"]
     print("STATIC ESTIMATES (no GPU ran): GEMM at 75% of peak, streaming at 80% of bandwidth\n")
     print("| M | K | N | GPU | (a) bf16 GEMMs fwd+bwd µs | (b) bnb+peft µs | (e) mtpeft dequant path µs "
           "| e/a (target ≤ 1.10) | b/e (target ≥ 1.4) |")
@@ -104,10 +123,12 @@ def main(argv=None) -> int:
     t = large_m(*LARGE[0], "H200")
     print("\n(e) at M=8192, K=N=4096 on H200, µs per part: "
           + "; ".join(f"{key} {v * 1e6:.1f}" for key, v in t["e_parts"].items()))
+    print("instructions per element (compiled): " + ", ".join(f"{k} {v:.1f}" for k, v in counts.items()))
     for gpu in GPUS:
-        t = large_m(*LARGE[0], gpu)
-        print(f"(e) with LoRA dropout, M=8192, K=N=4096, {gpu}: +{t['dropout_bytes'] / 1e6:.0f} MB, "
-              f"{t['e_dropout'] * 1e6:.0f} µs = {t['e_dropout'] / t['e']['fwdbwd']:.2f}x the path without dropout")
+        without = large_m(*LARGE[0], gpu)["e"]["fwdbwd"]
+        with_dropout = with_keyed_dropout(*LARGE[0], gpu, counts)
+        print(f"(e) with keyed LoRA dropout, M=8192, K=N=4096, {gpu}: {with_dropout * 1e6:.0f} µs = "
+              f"{with_dropout / without:.2f}x the path without dropout")
     print(f"\nSplit-K forward: {ipe:.2f} instructions per weight element (compiled, sm_90a)\n")
     print("| M | K | N | GPU | (a) bf16 GEMM µs | (d) split-K µs (bytes / issue) | a/d (target ≥ 2.5) |")
     print("|---|---|---|---|---:|---:|---:|")
