@@ -10,8 +10,8 @@ forward+backward, and forward+backward with LoRA dropout 0.05, the median of CUD
       MTPEFT_NF4_FUSED_MAX_M rows, dequant + cuBLAS above),
   (d) the fused path forced (``MTPEFT_KERNELS=fused``), (e) the dequant path forced.
 LoRA weights are bf16 in (b)-(e) (peft's fp32 adapter default would slow (b) for a reason
-unrelated to the kernels); dropout is ``torch.nn.functional.dropout`` feeding the LoRA branch, as
-the tuners do. Prints a table with c/a and b/c, the FLOP and bytes-moved floors, the measured
+unrelated to the kernels); dropout is mtpeft's keyed dropout in (c)-(e) (``lora_dropout``: on the
+dequant path the kernels draw the mask), peft's ``nn.Dropout`` in (b). Prints a table with c/a and b/c, the FLOP and bytes-moved floors, the measured
 crossover between (d) and (e), and writes ``results.json`` and ``results.md`` to ``--out``. The
 1B-shaped end-to-end step is ``bench/e2e_step.py``.
 
@@ -229,6 +229,7 @@ def with_kernels(path, fn):
 
 def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
     from mtpeft.kernels import nf4_lora_linear
+    from mtpeft.kernels.lora_keyed_dropout import KeyedMask
     from mtpeft.quant import from_params4bit
 
     w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
@@ -240,7 +241,6 @@ def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     xg = x.clone().requires_grad_()
     dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-    drop = torch.nn.functional.dropout
 
     y_b = model(xg)
     y_b.backward(dy)
@@ -273,9 +273,11 @@ def bench_shape(torch, m, k, n, args, flush, dev: str) -> list[dict]:
         xg.grad = None
         nf4_lora_linear(xg, q, a, b, s).backward(dy)
 
-    def ours_fwdbwd_dropout():
+    keyed = KeyedMask(torch.arange(m, device=dev, dtype=torch.int64), 0x5EED, DROPOUT)
+
+    def ours_fwdbwd_dropout():  # mtpeft's keyed dropout, as the trainer applies it (mask drawn by the kernels)
         xg.grad = None
-        nf4_lora_linear(xg, q, a, b, s, lora_x=drop(xg, DROPOUT, True)).backward(dy)
+        nf4_lora_linear(xg, q, a, b, s, lora_dropout=keyed).backward(dy)
 
     fl = floors(m, k, n, RANK)
     rows = []
