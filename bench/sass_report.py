@@ -47,7 +47,7 @@ def _compile(index: int) -> dict:
                ctas_per_sm=got.ctas_per_sm, mma=got.mma, loop_instructions=got.loop_instructions,
                total_instructions=got.total_instructions, loads_128=got.loads_128, stores_128=got.stores_128,
                tile=spec.tile, tensor_cores=spec.tensor_cores)
-    if spec.tile:
+    if spec.tile and got.loop_instructions:  # a kernel without a K loop has no K step to compare
         row["issue_cycles"] = got.issue_cycles()
         row["mma_cycles"] = mma_cycles(*spec.tile, spec.tensor_cores)
         row["issue_over_mma"] = row["issue_cycles"] / row["mma_cycles"]
