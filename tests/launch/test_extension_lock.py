@@ -14,9 +14,6 @@ from mtpeft.errors import LaunchError
 import mtpeft.launch.extension_lock as extension_lock
 from mtpeft.launch.extension_lock import check_extension_locks, extensions_root, filesystem_type
 
-HOUR_AGO = time.time() - 3600
-
-
 def _fake_build(root: Path, op: str = "deepspeed_shm_comm", age_s: float = 3600) -> Path:
     folder = root / op
     folder.mkdir(parents=True)
@@ -56,8 +53,9 @@ def test_on_a_shared_file_system_another_node_may_be_building(tmp_path, capsys, 
     lock = _fake_build(tmp_path, age_s=60)
     assert check_extension_locks(tmp_path) == [lock]
     assert capsys.readouterr().err.startswith(f"note: waiting for {lock}")
-    os.utime(lock.parent / "build.ninja", (HOUR_AGO, HOUR_AGO))
-    os.utime(lock, (HOUR_AGO, HOUR_AGO))
+    hour_ago = time.time() - 3600
+    os.utime(lock.parent / "build.ninja", (hour_ago, hour_ago))
+    os.utime(lock, (hour_ago, hour_ago))
     with pytest.raises(LaunchError, match=r"has not changed for 60 min"):
         check_extension_locks(tmp_path)
 
