@@ -70,6 +70,14 @@ def dropped(v, keep, keep_scale, dtype: tl.constexpr):
 
 
 @triton.jit
+def dropped_x_tile(x_ptr, key_ptr, rm, cols, m_ok, k_ok, T, K, stride_xm, threshold_signed, keep_scale):
+    """``dropout(x)[rm, cols]`` in x's dtype, the mask redrawn from the keys."""
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    keep = keep_of(key_ptr, rm, cols, m_ok, T, K, threshold_signed)
+    return dropped(x, keep, keep_scale, x_ptr.dtype.element_ty)
+
+
+@triton.jit
 def dropout_xa_kernel(x_ptr, key_ptr, a_ptr, part_ptr, M, K, T, R, k_per_split, stride_xm, stride_ar,
                       threshold_signed, keep_scale, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -80,15 +88,13 @@ def dropout_xa_kernel(x_ptr, key_ptr, a_ptr, part_ptr, M, K, T, R, k_per_split, 
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < R
-    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_stop, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < k_stop
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        xk = dropped(x, keep_of(key_ptr, rm, cols, m_ok, T, K, threshold_signed), keep_scale, dtype)
+        xk = dropped_x_tile(x_ptr, key_ptr, rm, cols, m_ok, k_ok, T, K, stride_xm, threshold_signed, keep_scale)
         at = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = dot(xk, at, acc, IEEE)
     tl.store(part_ptr + (split * M + rm[:, None]) * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
@@ -130,15 +136,13 @@ def dropout_da_kernel(x_ptr, key_ptr, g_ptr, part_ptr, M, K, T, R, m_per_split, 
     rr = tl.arange(0, BLOCK_R)
     k_ok = cols < K
     r_ok = rr < R
-    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     m_start = split * m_per_split
     m_stop = tl.minimum(m_start + m_per_split, M)
     for m0 in range(m_start, m_stop, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_stop
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        xk = dropped(x, keep_of(key_ptr, rm, cols, m_ok, T, K, threshold_signed), keep_scale, dtype)
+        xk = dropped_x_tile(x_ptr, key_ptr, rm, cols, m_ok, k_ok, T, K, stride_xm, threshold_signed, keep_scale)
         gt = tl.load(g_ptr + rm[None, :] * stride_gm + rr[:, None], mask=m_ok[None, :] & r_ok[:, None], other=0.0)
         acc = dot(gt, xk, acc, IEEE)
     tl.store(part_ptr + (split * R + rr[:, None]) * K + cols[None, :], acc, mask=r_ok[:, None] & k_ok[None, :])
