@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true",
                    help="time CUDA-graph replays (GPU time without Python launch overhead, as a decode loop "
                         "under graphs would see); a callable that cannot be captured is timed eagerly and marked")
+    p.add_argument("--e2e", action="store_true",
+                   help="then run bench/e2e_step.py (the 1B-shaped training step: mtpeft QLoRA vs bf16 LoRA vs "
+                        "HF peft + bitsandbytes; tokens/s, peak memory) into --out/e2e.json")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="exercise the whole script on CPU at one tiny shape (needs TRITON_INTERPRET=1); "
                         "checks the script, its timings mean nothing")
@@ -426,6 +429,11 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(rows, meta) + "\n" + "\n".join(f"- {t}" for t in targets + crossover_lines(rows)) + "\n")
     print(f"wrote {args.out}/results.json and results.md")
+    if args.e2e:
+        sys.path.insert(0, _HERE)
+        import e2e_step
+
+        return e2e_step.main(["--json", os.path.join(args.out, "e2e.json")] + (["--cpu-smoke"] if args.cpu_smoke else []))
     return 0
 
 
