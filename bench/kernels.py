@@ -429,10 +429,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(rows, meta) + "\n" + "\n".join(f"- {t}" for t in targets + crossover_lines(rows)) + "\n")
     print(f"wrote {args.out}/results.json and results.md")
-    if args.e2e:
-        sys.path.insert(0, _HERE)
-        import e2e_step
+    if args.e2e:  # loaded by path: putting bench/ back on sys.path would shadow the `kernels` package again
+        import importlib.util
 
+        spec = importlib.util.spec_from_file_location("e2e_step", os.path.join(_HERE, "e2e_step.py"))
+        e2e_step = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(e2e_step)
         return e2e_step.main(["--json", os.path.join(args.out, "e2e.json")] + (["--cpu-smoke"] if args.cpu_smoke else []))
     return 0
 
