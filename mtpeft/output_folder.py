@@ -35,6 +35,18 @@ def check_output_folder(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path}: {existing} is not writable; choose another folder")
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """Raise ConfigError unless ``path`` names a new file in a writable folder: mtpeft does not
+    replace a file it cannot tell it wrote."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; name a file (e.g. {path / 'metrics.json'})")
+    if path.exists():
+        raise ConfigError(f"{option} {path} already exists and mtpeft does not replace a file it did not write; "
+                          f"name a new file or remove it")
+    check_output_folder(path.parent, option)
+
+
 def foreign_entries(path: Path, ours: Iterable[str]) -> list[str]:
     """Names in folder ``path`` that the command writing there would not have written."""
     ours = set(ours)

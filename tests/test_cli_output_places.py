@@ -177,3 +177,23 @@ def test_export_with_force_beside_a_users_files_and_into_the_run_folder(forced_r
     line = _one_error(capsys, "export", str(run), "--out", str(run), "--force")  # now the export files are there
     assert "holds 'adapter_config.json' beside files mtpeft did not write" in line
     assert _hashes(run) == after
+
+
+@pytest.mark.parametrize("case", ["existing file", "folder", "under a file"])
+def test_zero_shot_out_is_checked_before_the_model_loads(capsys, tmp_path, case):
+    """eval --zero-shot --out FILE: an existing file is never replaced, a folder or a path under a
+    file is refused; all before the (missing) model is loaded, so the error names --out."""
+    cfg = demo_config_file(tmp_path, output__dir=str(tmp_path / "cfg_run"))
+    target = {"existing file": tmp_path / "metrics.json", "folder": tmp_path / "a_folder",
+              "under a file": tmp_path / "plain" / "metrics.json"}[case]
+    if case == "existing file":
+        target.write_text("a user's file\n")
+    elif case == "folder":
+        target.mkdir()
+    else:
+        (tmp_path / "plain").write_text("x")
+    before = _hashes(tmp_path)
+    line = _one_error(capsys, "eval", "--zero-shot", str(tmp_path / "no_such_model"), "--tasks", str(cfg),
+                      "--out", str(target))
+    assert "--out" in line, line
+    assert _hashes(tmp_path) == before

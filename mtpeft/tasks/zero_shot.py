@@ -25,6 +25,8 @@ import torch
 
 from mtpeft.config import RunConfig, TaskConfig, from_dict, load_config
 from mtpeft.errors import ConfigError
+from mtpeft.failed_writes import writing
+from mtpeft.output_folder import check_output_file
 from mtpeft.tasks.classification import Classify
 from mtpeft.tasks.loading import load_split
 
@@ -253,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.zero_shot or not args.tasks:
         raise ConfigError("eval --zero-shot MODEL needs --tasks CONFIG_OR_TASKS (a RunConfig YAML or a YAML task list)")
     tasks = load_tasks(args.tasks, args.zero_shot)
+    if args.out:  # before minutes of generation, not after
+        check_output_file(Path(args.out), "--out")
     if args.task:
         unknown = sorted(set(args.task) - {t.name for t in tasks})
         if unknown:
@@ -271,6 +275,9 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped (not classification): {', '.join(skipped)}")
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        out, tmp = Path(args.out), Path(args.out + ".tmp")
+        with writing(out, "nothing was written; free space on that disk (or name another --out) and rerun"):
+            tmp.write_text(json.dumps(metrics, indent=2))
+            tmp.replace(out)
         print(f"wrote {args.out}")
     return 0
