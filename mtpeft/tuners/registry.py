@@ -4,8 +4,9 @@ Each method is registered with its own settings dataclass (``LoraSettings``, ``A
 ...: the ``peft`` keys it reads, their defaults and checks). Defaults follow the studies: LoRA and
 mtl_lora r=16, α=32, dropout 0.05 on every attention and MLP projection; bottleneck 64 (relu, scale
 1) for both adapters; IA3 on k_proj, v_proj (output) and down_proj (input). Prompt and prefix
-tuning share ``num_virtual_tokens``, default 20: the code-generation study's prompt length and the top of the code-analysis study's prefix range
-(10-20); its prefix runs used 10, so set ``peft.num_virtual_tokens: 10`` to reproduce them.
+tuning share ``num_virtual_tokens``, default 20: the code-generation study's prompt length and the
+top of the code-analysis study's prefix range (10-20); its prefix runs used 10, so set
+``peft.num_virtual_tokens: 10`` to reproduce them.
 Names are the Llama ones; RoBERTa-style and T5 encoders map them through ``family.ROLE_ALIASES``.
 """
 
