@@ -255,14 +255,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.zero_shot or not args.tasks:
         raise ConfigError("eval --zero-shot MODEL needs --tasks CONFIG_OR_TASKS (a RunConfig YAML or a YAML task list)")
     tasks = load_tasks(args.tasks, args.zero_shot)
-    if args.out:  # before minutes of generation, not after
-        check_output_file(Path(args.out), "--out")
     if args.task:
         unknown = sorted(set(args.task) - {t.name for t in tasks})
         if unknown:
             raise ConfigError(f"--task {', '.join(unknown)}: not in {args.tasks} "
                               f"(tasks: {', '.join(t.name for t in tasks)})")
         tasks = [t for t in tasks if t.name in args.task]
+    if args.out:  # before minutes of generation, not after
+        check_output_file(Path(args.out), "--out")
     skipped = [t.name for t in tasks if t.kind not in CLASSIFICATION_KINDS]
     metrics = zero_shot_eval(args.zero_shot, tasks, max_examples=args.max_examples,
                              max_new_tokens=args.max_new_tokens, mode=args.mode, max_seq_len=args.max_seq_len,
