@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mtpeft.kernels.backend import empty_output, interpreter_enabled, use_triton
-from mtpeft.kernels.triton_compat import cast, dot, grouped_tile
+from mtpeft.kernels.backend import empty_output, use_triton
+from mtpeft.kernels.triton_compat import autotune_configs, cast, dot, grouped_tile
 from mtpeft.kernels.bottleneck_adapter_reference import (
     ACTIVATIONS,
     bottleneck_adapter_reference,
@@ -40,13 +40,6 @@ ADAPTER_TILES = [
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
     (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
 ]
-
-
-def _configs() -> list:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ADAPTER_TILES]
 
 
 @triton.jit
@@ -78,7 +71,7 @@ def _activation_grad(z, ACT: tl.constexpr):
     return tl.full(z.shape, 1.0, tl.float32)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=autotune_configs(ADAPTER_TILES, (16, 32, 32)), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def adapter_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, res_ptr, scale,
                           M, N, K, M_BUCKET,

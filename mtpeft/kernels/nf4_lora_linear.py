@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mtpeft.kernels.backend import empty_output, interpreter_enabled, nf4_path, use_triton
+from mtpeft.kernels.backend import empty_output, nf4_path, use_triton
 from mtpeft.kernels.nf4_dequant import quant_kernel_args
 from mtpeft.kernels.keyed_dropout import keyed_dropout
 from mtpeft.kernels.lora_keyed_dropout import KeyedMask
 from mtpeft.kernels.nf4_lora_linear_dequant import DequantNF4LoRALinearFunction
 from mtpeft.kernels.nf4_split_k import applies as split_k_applies
 from mtpeft.kernels.nf4_split_k import launch_split_k
-from mtpeft.kernels.triton_compat import cast, dot, grouped_tile
+from mtpeft.kernels.triton_compat import autotune_configs, cast, dot, grouped_tile
 from mtpeft.kernels.nf4_lora_linear_reference import (WeightSource, check_weight_shape, nf4_lora_linear_reference,
                                                       resolve_weight)
 from mtpeft.quant.nf4_format import NF4Weight
@@ -41,14 +41,8 @@ GEMM_TILES = [
     (128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (32, 64, 128, 4, 4),
 ]
-
-
-def _gemm_configs() -> list:
-    if interpreter_enabled():
-        # 64-wide tiles so the tests reach the blocksize-aligned absmax path (K a multiple of 64).
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in GEMM_TILES]
+# 64-wide under the interpreter, so the tests reach the blocksize-aligned absmax path (K a multiple of 64)
+INTERPRETER_TILE = (16, 64, 64)
 
 
 def _prune_by_m(configs, named_args, **kwargs):
@@ -113,7 +107,7 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_pt
     return tl.where(mask, w, 0.0)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
+@triton.autotune(configs=autotune_configs(GEMM_TILES, INTERPRETER_TILE), key=["M_BUCKET", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def nf4_lora_fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr,
@@ -162,7 +156,7 @@ def nf4_lora_fwd_kernel(x_ptr, xa_ptr, b_ptr, y_ptr, ypre_ptr, bias_ptr, ia3_ptr
     tl.store(y_ptr + out_offsets, cast(acc, y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
+@triton.autotune(configs=autotune_configs(GEMM_TILES, INTERPRETER_TILE), key=["M_BUCKET", "N", "K", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def nf4_lora_dx_kernel(dy_ptr, g_ptr, a_ptr, dx_ptr, ia3_ptr,

@@ -40,6 +40,16 @@ else:
         return x.to(dtype)
 
 
+def autotune_configs(tiles, interpreter_tile) -> list:
+    """``triton.Config``s from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tiles; under the
+    interpreter one small (BLOCK_M, BLOCK_N, BLOCK_K) tile instead, which keeps the CPU tests short."""
+    if interpreter_enabled():
+        bm, bn, bk = interpreter_tile
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (row tile, column tile), visiting GROUP_M row tiles per column sweep so
