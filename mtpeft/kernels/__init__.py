@@ -5,13 +5,7 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the Triton kerne
 
 from mtpeft.kernels.backend import use_triton
 from mtpeft.kernels.bottleneck_adapter import bottleneck_adapter
+from mtpeft.kernels.nf4_dequant import nf4_dequant
 from mtpeft.kernels.nf4_lora_linear import nf4_lora_linear
 
-__all__ = ["bottleneck_adapter", "nf4_lora_linear", "use_triton"]
-
-try:  # the plain dequant kernel lives in its own file, owned separately; never let it break import
-    from mtpeft.kernels.nf4_dequant import nf4_dequant  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-else:
-    __all__.append("nf4_dequant")
+__all__ = ["bottleneck_adapter", "nf4_dequant", "nf4_lora_linear", "use_triton"]

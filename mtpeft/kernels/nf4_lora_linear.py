@@ -1,4 +1,9 @@
-"""Fused NF4 base + LoRA (+ IA3) linear layer: Triton kernels, autograd.Function, dispatch.
+"""The NF4 base + LoRA (+ IA3) linear layer: its entry point and dispatch, and the fused path.
+
+``nf4_lora_linear`` dispatches (``backend.nf4_path``): the torch reference on CPU; on Triton, up to
+``backend.fused_max_m()`` rows the fused kernels below (the forward through ``nf4_split_k`` when K
+is a multiple of its tile), above it ``nf4_lora_linear_dequant`` (dequantize into a reused buffer,
+then cuBLAS). The fused path, for the few rows of decoding and evaluation:
 
 Forward ``y = (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias) * ia3`` as ONE GEMM over the concatenated
 reduction axis ``[x, s·xA] @ [W; B]ᵀ``: the K loop dequantizes W tiles from packed nibbles and
