@@ -24,8 +24,3 @@ def dequant_workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.de
         buf = torch.empty(need, dtype=dtype, device=device)
         _BUFFERS[key] = buf
     return buf[:need].view(rows, cols)
-
-
-def release_workspaces() -> None:
-    """Drop every buffer (e.g. before evaluation on a model whose layers are all smaller)."""
-    _BUFFERS.clear()
