@@ -46,6 +46,10 @@ then); during the block backward only the bf16 logits remain. With ``logits_chun
 the fp32 part is ``8·c·V`` and no logits are returned. The peak is the larger of the loss backward
 and the first block backward.
 
+4-bit base above ``kernels.backend.FUSED_MAX_M`` tokens per micro-batch: the dequant path's reused
+bf16 buffer (the largest block linear plus r rows) and its backward's ``[dy, g]`` copy
+(``dequant_path_bytes``).
+
 Engine: ``auto`` plans plain PyTorch for one GPU without offload, DeepSpeed ZeRO-3 otherwise.
 ZeRO-3 buffers (DeepSpeed engine only): the largest module gathered whole (a block's
 packed weights, constants, biases, norms and PEFT params, or the embedding / LM head), plus the
@@ -284,6 +288,22 @@ def _layer_saved_bytes(arch: Architecture, s: PlanSettings, b: int, L: int) -> i
     return total
 
 
+def dequant_path_bytes(arch: Architecture, s: PlanSettings) -> int:
+    """GPU memory of the 4-bit layer's large-M path (``kernels.nf4_lora_linear_dequant``), used when a
+    micro-batch has more tokens than ``FUSED_MAX_M``: the reused per-device buffer the weights are
+    dequantized into (the largest block linear plus LoRA's r rows of A, bf16, kept for the whole run)
+    and, in that linear's backward, the ``[dy, g]`` copy (``2·T·(out + r)``). Nothing for bf16 bases or
+    fewer tokens (the fused kernels hold no buffer)."""
+    from mtpeft.kernels.backend import FUSED_MAX_M
+
+    T = s.micro_batch * s.seq
+    if s.quant != "nf4" or T <= FUSED_MAX_M or not arch.block_linears:
+        return 0
+    r = s.peft.get("r") if s.peft.method == "lora" else 0
+    largest = max(arch.block_linears, key=lambda t: t.in_features * t.out_features)
+    return 2 * (largest.out_features + r) * largest.in_features + 2 * T * (largest.out_features + r)
+
+
 def activation_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:
     """Peak activation and logits bytes, and both checkpointing variants for the report."""
     b = s.micro_batch
@@ -387,6 +407,7 @@ def plan(arch: Architecture, s: PlanSettings) -> Dict[str, Any]:
     breakdown["logits_loss"] = acts["logits_loss"]
     breakdown["zero3_buffers"] = zero3_buffer_bytes(arch, s)
     breakdown["zero3_persistent"] = persistent_bytes(arch, s)
+    breakdown["nf4_dequant_buffer"] = dequant_path_bytes(arch, s)
     peak = sum(breakdown.values())
     dynamic = acts["activations"] + acts["logits_loss"] + breakdown["zero3_buffers"]
     breakdown["allocator_margin"] = int(s.allocator_margin * dynamic)
