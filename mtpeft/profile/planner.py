@@ -300,8 +300,9 @@ def dequant_path_bytes(arch: Architecture, s: PlanSettings) -> int:
     if s.quant != "nf4" or T <= FUSED_MAX_M or not arch.block_linears:
         return 0
     r = s.peft.get("r") if s.peft.method == "lora" else 0
-    largest = max(arch.block_linears, key=lambda t: t.in_features * t.out_features)
-    return 2 * (largest.out_features + r) * largest.in_features + 2 * T * (largest.out_features + r)
+    buffer = max((t.out_features + r) * t.in_features for t in arch.block_linears)
+    dy_copy = max(T * (t.out_features + r) for t in arch.block_linears)
+    return 2 * buffer + 2 * dy_copy
 
 
 def activation_bytes(arch: Architecture, s: PlanSettings) -> Dict[str, int]:

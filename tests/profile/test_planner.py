@@ -417,3 +417,18 @@ def test_codegen_architectures_match_the_published_sizes(name, published):
     arch = load_architecture(name)
     assert abs(arch.total_params - published) <= 0.03 * published, arch.total_params
     assert arch.intermediate_size == 4 * arch.hidden_size and not arch.gated_mlp
+
+
+def test_dequant_path_bytes_by_hand():
+    """DeepSeek-Coder-1.3B (hidden 2048, MLP 5504), LoRA r=16, 1 × 2048 tokens: the buffer holds the
+    down projection plus A ((2048 + 16) × 5504 bf16), the [dy, g] copy the widest output (2048 ×
+    (5504 + 16)); nothing for a bf16 base or for a micro-batch the fused kernels serve."""
+    from mtpeft.kernels.backend import FUSED_MAX_M
+    from mtpeft.profile.planner import PeftSpec, PlanSettings, dequant_path_bytes
+
+    arch = load_architecture("deepseek-coder-1.3b")
+    lora = PeftSpec("lora", {"r": 16})
+    got = dequant_path_bytes(arch, PlanSettings(peft=lora, quant="nf4", seq=2048, micro_batch=1))
+    assert got == 2 * (2048 + 16) * 5504 + 2 * 2048 * (5504 + 16)
+    assert dequant_path_bytes(arch, PlanSettings(peft=lora, quant="none", seq=2048, micro_batch=1)) == 0
+    assert dequant_path_bytes(arch, PlanSettings(peft=lora, quant="nf4", seq=FUSED_MAX_M, micro_batch=1)) == 0
