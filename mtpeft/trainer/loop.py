@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mtpeft.config import RunConfig, TaskConfig
 from mtpeft.data.dist import DistContext
 from mtpeft.data.shard import TaskStream, micro_batch_indices, micro_batch_positions
+from mtpeft.launch.deepspeed_shm import release_workspace_name
 from mtpeft.tasks.kinds import make_kind
 from mtpeft.tasks.task_kind import TaskKind
 from mtpeft.tasks.loading import load_split
@@ -64,6 +65,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "gloo":  # DeepSpeed's CPU shared-memory workspace: every rank has mapped it by now
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        release_workspace_name(dist.get_rank())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return DistContext.current()

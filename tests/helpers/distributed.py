@@ -56,6 +56,6 @@ def run(cmd: list[str], log: Path, timeout: int = 600) -> None:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
 
 
-def deepspeed_cmd(ranks: int, *args: str) -> list[str]:
+def deepspeed_cmd(ranks: int, *args: str, port: int | None = None) -> list[str]:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), *args]

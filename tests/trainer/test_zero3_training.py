@@ -8,11 +8,12 @@ the launcher (micro-batch 4) are shared by all tests in this module.
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from distributed import REPO, deepspeed_cmd, run, tiny_config
+from distributed import REPO, deepspeed_cmd, free_port, run, tiny_config
 
 pytestmark = pytest.mark.distributed  # real DeepSpeed engines or several processes
 
@@ -24,9 +25,11 @@ def runs(tmp_path_factory):
     # the demo's dropouts on (LoRA 0.05, heads 0.1): their masks are keyed by example, not by rank
     cfg2 = tiny_config(tmp, "two.yaml", keep_dropout=True, micro_batch_size=2)
     cfg1 = tiny_config(tmp, "one.yaml", keep_dropout=True, micro_batch_size=4)
-    run(deepspeed_cmd(2, "--module", "mtpeft", "train", str(cfg2), "--set", f"output.dir={two}"), tmp / "two.log")
+    port = free_port()
+    run(deepspeed_cmd(2, "--module", "mtpeft", "train", str(cfg2), "--set", f"output.dir={two}", port=port),
+        tmp / "two.log")
     run([sys.executable, "-m", "mtpeft", "train", str(cfg1), "--set", f"output.dir={one}"], tmp / "one.log")
-    return {"two": two, "one": one}
+    return {"two": two, "one": one, "port": port}
 
 
 def _log(run_dir):
@@ -111,3 +114,13 @@ def test_eval_command_recomputes_metrics(runs, capsys):
         assert after[task]["value"] == pytest.approx(before[task]["value"], abs=1e-6), task
         assert after[task]["chance"] == pytest.approx(before[task]["chance"])
     assert "codegen" in capsys.readouterr().out
+
+
+def test_the_run_leaves_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU allreduce workspace (66 MiB of /dev/shm per rank) is never removed by
+    DeepSpeed itself; the ranks unlink its names once all have mapped them."""
+    from mtpeft.launch.extension_lock import extensions_root
+
+    assert (extensions_root() / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()  # the op that makes it
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{runs['port']}_*"))
+    assert left == []
