@@ -39,7 +39,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" numpy
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(LATEST_VENV)/bin/python .ci/unpinned_requirements.py > $(LATEST_VENV)/latest.txt
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-build-isolation -r $(LATEST_VENV)/latest.txt pytest
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-build-isolation -r $(LATEST_VENV)/latest.txt pytest pytest-timeout
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|deepspeed|bitsandbytes|triton|datasets|accelerate)=='
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 

@@ -37,6 +37,6 @@ setup(
         "tree-sitter-python>=0.21,<0.22",
         "sacrebleu>=2.4,<=2.6.0",
     ],
-    extras_require={"test": ["pytest>=7.0"]},
+    extras_require={"test": ["pytest>=7.0", "pytest-timeout>=2.3"]},
     entry_points={"console_scripts": ["mtpeft=mtpeft.cli:main"]},
 )

@@ -44,6 +44,14 @@ def _alive(pid: int) -> bool:
     return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z" if Path(f"/proc/{pid}").exists() else False
 
 
+def _stop_and_report(proc: subprocess.Popen, why: str) -> None:
+    """End the whole process group first: reading the pipes of a live run would wait for it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    raise AssertionError(f"{why} (exit {proc.returncode}):\n{out[-1500:]}\n{err[-3000:]}")
+
+
 def _run_and_terminate(tmp_path: Path, script: list[str], saves: bool, launcher: str = "exit1", **extra: str):
     fake = tmp_path / "deepspeed"
     fake.write_text(FAKE_DEEPSPEED)
@@ -56,7 +64,8 @@ def _run_and_terminate(tmp_path: Path, script: list[str], saves: bool, launcher:
     try:
         deadline = time.time() + 30
         while not (tmp_path / "rank_pid").exists():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            if proc.poll() is not None or time.time() > deadline:
+                _stop_and_report(proc, "the fake rank never started")
             time.sleep(0.05)
         rank = int((tmp_path / "rank_pid").read_text())
         proc.send_signal(signal.SIGTERM)  # the script alone, as a user's `kill PID` or SLURM's batch signal
@@ -142,7 +151,8 @@ def test_single_node_script_with_the_real_launcher(tmp_path):
     try:
         deadline = time.time() + 300
         while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            if proc.poll() is not None or time.time() > deadline:
+                _stop_and_report(proc, "no two training steps within 300 s")
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
