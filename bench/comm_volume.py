@@ -132,13 +132,11 @@ def measure(args, base: str) -> dict:
 
 def worker(args) -> None:
     os.environ.setdefault("MTPEFT_KERNELS", "torch")
-    import deepspeed
-    import torch
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    from mtpeft.trainer.loop import init_distributed
+
+    init_distributed()  # nccl on GPUs, else gloo (and DeepSpeed's shared-memory names released)
     results = [measure(args, base) for base in ("bf16", "nf4")]
     if dist.get_rank() == 0:
         Path(args.worker).write_text(json.dumps(results))

@@ -36,7 +36,9 @@ def main(out_dir: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from mtpeft.trainer.loop import init_distributed
+
+    init_distributed()  # gloo on CPU, and DeepSpeed's shared-memory names released
     rank = dist.get_rank()
     model = build_model()
     with torch.no_grad():

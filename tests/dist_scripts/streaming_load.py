@@ -70,8 +70,9 @@ def zero3(ckpt: str, out: str, broken: str = "") -> None:
     from mtpeft.errors import CheckpointError
     from mtpeft.quant import QuantLinear
     from mtpeft.quant.streaming_loader import load_quantized_backbone
+    from mtpeft.trainer.loop import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # gloo on CPU, and DeepSpeed's shared-memory names released
     rank = dist.get_rank()
     ds_config = {"train_micro_batch_size_per_gpu": MICRO_BATCH,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
