@@ -174,9 +174,12 @@ def test_export_with_force_beside_a_users_files_and_into_the_run_folder(forced_r
     assert {k: v for k, v in after.items() if k in before} == before  # nothing of the run changed
     assert set(after) - set(before) >= {"adapter_model.safetensors", "heads.safetensors", "tasks.json"}
     assert not [p for p in (*run.iterdir(), *run.parent.iterdir(), *mine.iterdir()) if ".tmp-" in p.name]
-    line = _one_error(capsys, "export", str(run), "--out", str(run), "--force")  # now the export files are there
+    assert main(["export", str(run), "--out", str(run), "--force"]) == 0  # again: the previous export's files
+    again = _hashes(run)
+    assert {k: v for k, v in again.items() if k in before} == before and set(again) == set(after)
+    (run / "adapter_config.json").write_text("{}")  # edited by hand: no longer the export's own
+    line = _one_error(capsys, "export", str(run), "--out", str(run), "--force")
     assert "holds 'adapter_config.json' beside files mtpeft did not write" in line
-    assert _hashes(run) == after
 
 
 @pytest.mark.parametrize("case", ["existing file", "folder", "under a file"])

@@ -12,8 +12,11 @@ Layout of an export folder:
                              with rows in ``peft.task_order``) and no adapter_config.json is written.
   heads.safetensors          ``<task>.<head parameter>`` for every task with a head.
   tasks.json                 the manifest: base model, quantization, ``peft`` (method, ``format``:
-                             hf_peft | mtpeft, the method's settings, ``tensors``: key → shape) and
-                             per task its kind, format, head class and head tensor names.
+                             hf_peft | mtpeft, the method's settings, ``tensors``: key → shape),
+                             per task its kind, format, head class and head tensor names, and
+                             ``files``: the SHA-256 of every other file of the export (so a later
+                             ``--force`` export into a folder shared with a user's files can tell
+                             its own previous files from the user's).
 
 Under ZeRO-3 each rank holds a slice of every trainable tensor, so the tensors are gathered
 explicitly before rank 0 writes them (a consolidated 16-bit state dict would drop the 4-bit quant
@@ -23,6 +26,7 @@ and renamed into place, so an interrupted export never replaces a good one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -68,7 +72,32 @@ def check_export_target(out_dir: Path, run_dir: Path | None = None, force: bool 
                             "folder, so name a new or empty folder (or one holding only a previous export), or add "
                             "--force to write the export files beside them")
         if foreign:
-            check_folder_is_ours(out_dir, option, EXPORT_FILES, force=True)
+            check_folder_is_ours(out_dir, option, set(EXPORT_FILES) - previous_export_files(out_dir), force=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def previous_export_files(out_dir: Path) -> set[str]:
+    """The export files in ``out_dir`` that a previous export wrote, as its manifest proves: ``tasks.json``
+    parses as an mtpeft manifest and every file it lists is there with the SHA-256 it recorded (empty
+    when anything differs: nothing then says mtpeft wrote them)."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        if not (isinstance(files, dict) and set(files) <= set(EXPORT_FILES) - {MANIFEST_FILE}):
+            return set()
+        if all((Path(out_dir) / name).is_file() and _sha256(Path(out_dir) / name) == digest
+               for name, digest in files.items()):
+            return {MANIFEST_FILE, *files}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return set()
 
 
 def _head_params(model) -> dict:
@@ -88,6 +117,7 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext, force: bool =
     out_dir = Path(out_dir)
     check_export_target(out_dir, force=force)
     beside = out_dir.is_dir() and any(p.name not in EXPORT_FILES or not p.is_file() for p in out_dir.iterdir())
+    previous = previous_export_files(out_dir) if beside else set()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     then = (f"{'the previous export in ' + str(out_dir) + ' is unchanged' if out_dir.exists() else 'nothing was left'}"
             f"; {FREE_SPACE}")
@@ -101,13 +131,19 @@ def export(model, cfg: RunConfig, out_dir: Path, ctx: DistContext, force: bool =
                 peft_cfg.save_pretrained(str(tmp))
             save_file(adapter_t, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
             save_file(heads_t, str(tmp / HEADS_FILE), metadata={"format": "pt"})
-            (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(cfg, model, adapter_t), indent=2))
+            files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / MANIFEST_FILE).write_text(json.dumps({**_manifest(cfg, model, adapter_t), "files": files}, indent=2))
         except BaseException:  # a failed write (disk full, interrupt) leaves the previous export in charge
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if beside:  # others' files stay; none of ours was there (check_export_target)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out_dir / f.name)
+    if beside:  # others' files stay; of ours only a previous export's were there (check_export_target)
+        written = {f.name for f in tmp.iterdir()}
+        # the previous export's manifest first (it would vouch for a mix of files), then its files the new
+        # export does not write (adapter_config.json after a switch to a method HF peft cannot read)
+        for name in sorted((previous - written) | ({MANIFEST_FILE} & previous), key=lambda n: n != MANIFEST_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+        for name in sorted(written - {MANIFEST_FILE}) + [MANIFEST_FILE]:  # the manifest last
+            os.replace(tmp / name, out_dir / name)
         tmp.rmdir()
         return out_dir
     old = None

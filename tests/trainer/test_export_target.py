@@ -84,3 +84,27 @@ def test_export_replaces_only_a_previous_export(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export(model, cfg, empty, DistContext(0, 1)) == empty and (empty / "tasks.json").is_file()
+
+
+def test_force_export_again_beside_a_users_file_replaces_only_its_own_files(tmp_path):
+    """The manifest's SHA-256 list proves which files a previous export wrote; a method switch drops
+    the previous export's adapter_config.json, and a file edited since is a stranger's again."""
+    lora = load_config(tiny_config(tmp_path), ["peft.method=lora", "peft.r=4"])
+    serial = load_config(tiny_config(tmp_path, "serial.yaml"), ["peft.method=serial_adapter"])
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    export(build_model(lora).eval(), lora, out, DistContext(0, 1), force=True)
+    assert "adapter_config.json" in _snapshot(out)
+    export(build_model(serial).eval(), serial, out, DistContext(0, 1), force=True)
+    second = _snapshot(out)
+    assert set(second) == {"notes.txt", "adapter_model.safetensors", "heads.safetensors", "tasks.json"}
+    assert second["notes.txt"] == b"keep me"
+    import json
+
+    assert json.loads(second["tasks.json"])["peft"]["method"] == "serial_adapter"
+    (out / "heads.safetensors").write_bytes(second["heads.safetensors"] + b"\x00")  # touched by someone
+    touched = _snapshot(out)
+    with pytest.raises(UserError, match="beside files mtpeft did not write"):
+        export(build_model(serial).eval(), serial, out, DistContext(0, 1), force=True)
+    assert _snapshot(out) == touched
