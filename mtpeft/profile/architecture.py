@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mtpeft.errors import ConfigError, UserError
+from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.tuners.family import T5_TYPES, is_encoder
 from mtpeft.tuners.structure import block_list
 
@@ -115,8 +116,8 @@ def build_meta_model(config_dict: Dict[str, Any], source: str = "config") -> nn.
             if not is_encoder(config):
                 return AutoModelForCausalLM.from_config(config)
             return T5EncoderModel(config) if config.model_type in T5_TYPES else AutoModel.from_config(config)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{source}: transformers cannot build a decoder LM or an encoder from it ({exc})") from None
+    except MODEL_LOAD_ERRORS as exc:
+        raise UserError(f"{source}: transformers cannot build a decoder LM or an encoder from it ({one_line(exc)})") from None
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

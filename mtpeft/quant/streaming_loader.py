@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mtpeft.errors import CheckpointError, UserError
+from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.quant.bnb_interop import QUANT_STATE_KEY, from_bnb_state_dict
 from mtpeft.quant.linear import QuantLinear, is_skipped
 from mtpeft.quant.nf4 import quantize_nf4
@@ -222,8 +223,8 @@ def build_skeleton(folder: Path, dtype: torch.dtype, model_class: Any = None) ->
 
     try:
         config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read config.json ({str(exc).splitlines()[0][:160]})") from None
+    except MODEL_LOAD_ERRORS as exc:
+        raise CheckpointError(f"{folder}: cannot read config.json ({one_line(exc)})") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the 4-bit layers are built here, not by transformers
     with parameters_on_meta():

@@ -25,6 +25,7 @@ import torch
 
 from mtpeft.config import RunConfig, TaskConfig, from_dict, load_config
 from mtpeft.errors import ConfigError
+from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.failed_writes import writing
 from mtpeft.output_folder import check_output_file
 from mtpeft.tasks.classification import Classify
@@ -165,9 +166,8 @@ def load_causal_lm(model_name_or_path: str):
     cuda = torch.cuda.is_available()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.bfloat16 if cuda else torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--zero-shot: cannot load a causal LM from {model_name_or_path!r} "
-                          f"({str(exc).splitlines()[0][:160]})") from None
+    except MODEL_LOAD_ERRORS as exc:
+        raise ConfigError(f"--zero-shot: cannot load a causal LM from {model_name_or_path!r} ({one_line(exc)})") from None
     return model.to("cuda" if cuda else "cpu").eval(), tok
 
 

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from mtpeft.config import RunConfig
 from mtpeft.errors import ConfigError
+from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.tasks.kinds import KINDS
 from mtpeft.tuners.keyed_dropout import key_dropouts
 from mtpeft.multitask_model import MultitaskModel
@@ -30,11 +31,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_tokenizer(name_or_path: str):
+    try:  # the tokenizer reads config.json too: a bad one is named as such, not as the tokenizer's fault
+        AutoConfig.from_pretrained(name_or_path)
+    except MODEL_LOAD_ERRORS as exc:
+        raise ConfigError(f"model.name_or_path: cannot read the config.json of {name_or_path!r} ({one_line(exc)})") from None
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} "
-                          f"({str(exc).splitlines()[0][:160]})") from None
+    except MODEL_LOAD_ERRORS as exc:
+        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({one_line(exc)})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -61,8 +65,8 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
 
             return load_quantized_backbone(path, ds_config, dtype, skip=("lm_head",), model_class=_auto_class(config))
         model = _auto_class(config).from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0][:160]})") from None
+    except MODEL_LOAD_ERRORS as exc:
+        raise ConfigError(f"model.name_or_path: cannot load {path!r} ({one_line(exc)})") from None
     del keep_alive
     if cfg.model.quant == "nf4":
         from mtpeft.quant import quantize_model
