@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from mtpeft.command_parser import CommandParser
+from mtpeft.command_parser import CommandParser, port_number, whole_number
 from mtpeft.errors import ConfigError, DataError, UserError, WriteError
 from mtpeft.failed_writes import FREE_SPACE, reason
 from mtpeft.shipped_files import run_config
@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, evaluate and export the built-in demo through the deepspeed launcher")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--ranks", type=int, default=2, help="processes to launch (default: 2, CPU/gloo or GPUs)")
+    p.add_argument("--ranks", type=whole_number(1), default=2, help="processes to launch (default: 2, CPU/gloo or GPUs)")
     p.add_argument("--config", default=None, help="another config instead of the shipped demo: a path or a shipped name (demo_nf4)")
-    p.add_argument("--port", type=int, default=0, help="master port (default: a free one)")
+    p.add_argument("--port", type=port_number, default=0, help="master port (default: a free one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_cmd_demo)

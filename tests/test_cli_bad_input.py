@@ -71,6 +71,39 @@ def test_numbers_out_of_range(tmp_path, capsys, override, expect):
     assert expect in _one_error(capsys, "train", str(_config(tmp_path)), "--set", override)
 
 
+CONFIG = "mtpeft/configs/demo.yaml"
+ZERO_SHOT = ["eval", "--zero-shot", "mtpeft/assets/demo/base_model", "--tasks", CONFIG]
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["profile", CONFIG, "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["profile", CONFIG, "--ranks", "-2"], "argument --ranks: must be at least 1, got -2"),
+    (["profile", CONFIG, "--peak-tflops", "-1"], "argument --peak-tflops: must be a finite number above 0, got -1"),
+    (["profile", CONFIG, "--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number above 0, got nan"),
+    (["compare", CONFIG, "--steps", "-1"], "argument --steps: must be at least 0 (0: the config's train.max_steps)"),
+    (["compare", CONFIG, "--steps", "2.5"], "argument --steps: expected a whole number, got '2.5'"),
+    (["demo", "--ranks", "0"], "argument --ranks: must be at least 1, got 0"),
+    (["demo", "--port", "70000"], "argument --port: a port is at most 65535, got 70000"),
+    (["plan", "--model", "codellama-7b", "--gpus", "0"], "argument --gpus: must be at least 1, got 0"),
+    (["plan", "--model", "codellama-7b", "--gpu-mem", "inf"], "argument --gpu-mem: must be a finite number above 0"),
+    (["plan", "--model", "codellama-7b", "--margin", "-0.1"], "argument --margin: must be a finite number at least 0"),
+    (["plan", "--model", "codellama-7b", "--logits-chunk", "-2"], "argument --logits-chunk: must be at least -1"),
+    (["plan", "--model", "codellama-7b", "--reduce-bucket-size", "0"], "argument --reduce-bucket-size: must be at least 1"),
+    ([*ZERO_SHOT, "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ([*ZERO_SHOT, "--max-new-tokens", "-1"], "argument --max-new-tokens: must be at least 1"),
+    ([*ZERO_SHOT, "--max-examples", "-5"], "argument --max-examples: must be at least 0"),
+    ([*ZERO_SHOT, "--max-seq-len", "1"], "argument --max-seq-len: must be at least 2"),
+])
+def test_command_line_numbers_out_of_range(capsys, monkeypatch, argv, expect):
+    monkeypatch.chdir(REPO)
+    before = _files_near(argv)
+    with pytest.raises(SystemExit) as stop:  # the parser's own exit: before anything is read or written
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: mtpeft {argv[0]}: "), err
+    assert expect in err[0] and _files_near(argv) == before
+
+
 @pytest.mark.parametrize("method,tokens", [("prompt", 512), ("prefix", 100000)])
 def test_more_virtual_tokens_than_positions(tmp_path, capsys, method, tokens):
     line = _one_error(capsys, "train", str(_config(tmp_path)), "--set", f"peft.method={method}",

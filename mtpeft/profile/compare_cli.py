@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mtpeft.command_parser import whole_number
 from mtpeft.errors import UserError
 
 
@@ -16,7 +17,7 @@ COMPARE_FOLDER_NAMES = frozenset({"multitask", "single", "report.md", "compare.j
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a RunConfig YAML with two or more tasks (e.g. configs/demo.yaml)")
     parser.add_argument("--out", default="runs/compare", help="folder for the runs and the table (default runs/compare)")
-    parser.add_argument("--steps", type=int, default=0,
+    parser.add_argument("--steps", type=whole_number(0, "0: the config's train.max_steps"), default=0,
                         help="multitask steps (default: the config's train.max_steps); single-task runs get "
                              "the steps their task got in the multitask run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -29,8 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from mtpeft.output_folder import check_folder_is_ours, check_output_folder
     from mtpeft.profile.compare import run_compare
 
-    if args.steps < 0:
-        raise UserError(f"--steps {args.steps}: must be positive (or 0 for the config's train.max_steps)")
     cfg = load_config(args.config, list(args.set))
     if len(cfg.tasks) < 2:
         raise UserError(f"{args.config}: compare needs at least two tasks, the config has {len(cfg.tasks)}")

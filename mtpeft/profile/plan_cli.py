@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any, Dict
 
+from mtpeft.command_parser import number, whole_number
 from mtpeft.errors import UserError
 from mtpeft.profile.architecture import load_architecture
 from mtpeft.profile.planner import GIB, PlanSettings, parse_peft, plan, search
@@ -14,9 +15,9 @@ from mtpeft.tasks.chunked_lm_loss import resolve_chunk
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="architecture short name or a config.json path")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
+    parser.add_argument("--gpus", type=whole_number(1), default=1, help="GPUs per node")
+    parser.add_argument("--nodes", type=whole_number(1), default=1)
+    parser.add_argument("--gpu-mem", type=number(0), default=24.0, help="GiB per GPU")
     parser.add_argument("--seq", default="2048", help="sequence length or 'auto'")
     parser.add_argument("--micro-batch", default="1", help="micro-batch per GPU or 'auto'")
     parser.add_argument("--peft", default="lora", help="METHOD[:k=v,...], e.g. lora:r=16,alpha=32")
@@ -25,18 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", choices=("none", "cpu", "nvme", "auto"), default="none")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
-    parser.add_argument("--logits-chunk", type=int, default=0,
+    parser.add_argument("--logits-chunk", type=whole_number(-1, "-1: full logits, 0: automatic"), default=0,
                         help="tokens per LM-loss chunk, as train.logits_chunk: 0 automatic (the trainer's default), "
                              "-1 full logits")
     parser.add_argument("--trainable-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--engine", choices=("auto", "torch", "deepspeed"), default="auto",
                         help="auto: plain PyTorch on one GPU without offload, DeepSpeed ZeRO-3 otherwise")
-    parser.add_argument("--reduce-bucket-size", type=int, default=50_000_000, help="reduce_bucket_size")
-    parser.add_argument("--prefetch-bucket-size", type=int, default=50_000_000, help="stage3_prefetch_bucket_size")
-    parser.add_argument("--max-live-parameters", type=int, default=1_000_000_000, help="stage3_max_live_parameters")
-    parser.add_argument("--persistence-threshold", type=int, default=0,
+    parser.add_argument("--reduce-bucket-size", type=whole_number(1), default=50_000_000, help="reduce_bucket_size")
+    parser.add_argument("--prefetch-bucket-size", type=whole_number(0), default=50_000_000, help="stage3_prefetch_bucket_size")
+    parser.add_argument("--max-live-parameters", type=whole_number(1), default=1_000_000_000, help="stage3_max_live_parameters")
+    parser.add_argument("--persistence-threshold", type=whole_number(0), default=0,
                         help="stage3_param_persistence_threshold")
-    parser.add_argument("--margin", type=float, default=0.10, help="allocator margin, fraction of dynamic memory")
+    parser.add_argument("--margin", type=number(0, inclusive=True), default=0.10, help="allocator margin, fraction of dynamic memory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -88,12 +89,6 @@ def _table(result: Dict[str, Any], notes: Dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.gpus < 1 or args.nodes < 1:
-        raise UserError("--gpus and --nodes must be at least 1")
-    if args.gpu_mem <= 0:
-        raise UserError(f"--gpu-mem {args.gpu_mem}: must be positive GiB")
-    if args.logits_chunk < -1:
-        raise UserError(f"--logits-chunk {args.logits_chunk}: use -1 (full logits), 0 (automatic) or a number of tokens")
     seq = _positive_or_auto("--seq", str(args.seq))
     micro = _positive_or_auto("--micro-batch", str(args.micro_batch))
     arch = load_architecture(args.model)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from mtpeft.command_parser import CommandParser
+from mtpeft.command_parser import CommandParser, number, whole_number
 from mtpeft.errors import UserError
 from mtpeft.output_folder import check_folder_is_ours, check_output_folder
 from mtpeft.profile import measure, report
@@ -33,10 +33,10 @@ REPORT_FOLDER_NAMES = frozenset({"run", "report.md", "report.json", "memory_brea
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a RunConfig YAML (e.g. configs/demo.yaml)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps to run (default 8)")
+    parser.add_argument("--steps", type=whole_number(1), default=8, help="optimizer steps to run (default 8)")
     parser.add_argument("--out", default="runs/profile", help="report folder (default runs/profile)")
-    parser.add_argument("--ranks", type=int, default=1, help="processes under the deepspeed launcher (default 1)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--ranks", type=whole_number(1), default=1, help="processes under the deepspeed launcher (default 1)")
+    parser.add_argument("--peak-tflops", type=number(0), default=None,
                         help="device peak for MFU (default: detected for known GPUs, none on CPU)")
     parser.add_argument("--comm", choices=("on", "off"), default="on",
                         help="DeepSpeed comms logger for bytes per step (default on)")
@@ -66,10 +66,6 @@ def _launch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from mtpeft.config import load_config
 
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: must be at least 1")
-    if args.ranks < 1:
-        raise UserError(f"--ranks {args.ranks}: must be at least 1")
     out = Path(args.out).resolve()
     check_output_folder(out, "--out")
     if int(os.environ.get("RANK", "0") or 0) == 0:  # once, before any rank writes there

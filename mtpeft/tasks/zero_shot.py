@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mtpeft.command_parser import whole_number
 from mtpeft.config import RunConfig, TaskConfig, from_dict, load_config
 from mtpeft.errors import ConfigError
 from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
@@ -223,10 +224,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="loglik",
                         help="loglik: compare P(yes) with P(no) (default, robust for small models); "
                              "generate: decode and parse the answer")
-    parser.add_argument("--max-examples", type=int, default=200, help="eval examples per task, the first ones (0: the task's max_eval_examples, or all)")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length in generate mode")
-    parser.add_argument("--max-seq-len", type=int, default=512, help="prompt + answer tokens")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-examples", type=whole_number(0, "0: the task's max_eval_examples, or all"), default=200, help="eval examples per task, the first ones (0: the task's max_eval_examples, or all)")
+    parser.add_argument("--max-new-tokens", type=whole_number(1), default=8, help="answer length in generate mode")
+    parser.add_argument("--max-seq-len", type=whole_number(2), default=512, help="prompt + answer tokens")
+    parser.add_argument("--batch-size", type=whole_number(1), default=8)
     parser.add_argument("--out", default=None, help="also write the metrics as JSON here")
 
 

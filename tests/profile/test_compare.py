@@ -90,5 +90,3 @@ def test_bad_input_is_a_user_error(tmp_path):
     compare_cli.add_arguments(parser)
     with pytest.raises(UserError, match="at least two tasks"):
         compare_cli.run(parser.parse_args([str(one)]))
-    with pytest.raises(UserError, match="--steps"):
-        compare_cli.run(parser.parse_args([str(one), "--steps", "-1"]))

@@ -173,13 +173,6 @@ def test_multitask_versus_per_task_bytes_are_the_files(savings):
     assert mt["per_task"]["trainable_params"] == 4 * adapter + heads
 
 
-def test_profile_bad_steps_is_a_user_error(tmp_path):
-    from mtpeft.errors import UserError
-
-    with pytest.raises(UserError, match="--steps"):
-        profile_cli.run(_args(str(tiny_config(tmp_path)), "--steps", "0"))
-
-
 def test_full_fine_tuning_of_a_large_model_is_refused(tmp_path, monkeypatch):
     from mtpeft.config import load_config
     from mtpeft.errors import ConfigError
