@@ -326,10 +326,27 @@ def _validate(cfg: RunConfig, base_dir: Path, source: str) -> None:
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{source}: train.{key} must be 0 or more, got {value}")
     _validate_peft(cfg.peft, source)
+    _validate_sampler_and_weighting(cfg, source)
     out = Path(cfg.output.dir)
     if not out.is_absolute():
         cfg.output.dir = str((Path.cwd() / out).resolve())
     check_output_folder(Path(cfg.output.dir), f"{source}: output.dir")
+
+
+def _validate_sampler_and_weighting(cfg: RunConfig, source: str) -> None:
+    """``sampler.temperature``, and the weighting rule built once, so that its settings (``weighting.weights``
+    per task, ``temperature``, ``gamma``, ``alpha``, ``lr``) are checked with the file named, before any
+    model loads."""
+    from mtpeft.data.schedule import check_temperature
+    from mtpeft.trainer.weighting import make_weighting
+
+    w = cfg.weighting
+    try:
+        check_temperature(cfg.sampler.temperature)
+        make_weighting(w.kind, [t.name for t in cfg.tasks], static_weights=w.weights, lr=w.lr,
+                       dwa_temperature=w.temperature, famo_gamma=w.gamma, gradnorm_alpha=w.alpha)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _validate_peft(peft, source: str) -> None:

@@ -66,9 +66,16 @@ def test_set_by_task_name_reaches_that_task(tmp_path):
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be positive"),
     ("train.warmup_steps=-3", "train.warmup_steps must be 0 or more"),
     ("train.retrieval_temperature=0", "train.retrieval_temperature must be positive"),
+    ("sampler.temperature=-1", "sampler.temperature must be a finite number >= 0, got -1"),
+    ("weighting={kind: static, weights: {defect: 0, clone: 0, search: 0, codegen: 0}}", "weighting.weights are all 0"),
+    ("weighting={kind: static, weights: {defect: -1, clone: 1, search: 1, codegen: 1}}", "weighting.weights.defect must"),
+    ("weighting={kind: dwa, temperature: .inf}", "weighting.temperature must be a finite number > 0, got inf"),
+    ("weighting={kind: famo, gamma: -0.5}", "weighting.gamma must be a finite number >= 0"),
+    ("weighting={kind: gradnorm, alpha: .nan}", "weighting.alpha must be a finite number >= 0"),
 ])
 def test_numbers_out_of_range(tmp_path, capsys, override, expect):
-    assert expect in _one_error(capsys, "train", str(_config(tmp_path)), "--set", override)
+    line = _one_error(capsys, "train", str(_config(tmp_path)), "--set", override)
+    assert expect in line and str(_config(tmp_path)) in line, line
 
 
 CONFIG = "mtpeft/configs/demo.yaml"

@@ -84,10 +84,10 @@ class RandomSampler:
         for i, n in enumerate(sizes):
             if n <= 0:
                 raise DataError(f"sampler: task {i} has {n} training examples; every task needs at least one")
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ConfigError(f"sampler.temperature must be a finite number >= 0, got {temperature}")
+        check_temperature(temperature)
         self.kind, self.sizes, self.seed, self.temperature = kind, list(sizes), int(seed), float(temperature)
-        weights = np.asarray(self.sizes, dtype=np.float64) ** self.temperature
+        log_weights = self.temperature * np.log(np.asarray(self.sizes, dtype=np.float64))
+        weights = np.exp(log_weights - log_weights.max())  # Nᵢ^T without overflow for a large T
         self._probs = weights / weights.sum()
         self._cdf = np.cumsum(self._probs)
         self._prefix: list[np.ndarray] = [np.zeros(len(sizes), dtype=np.int64)]  # counts before block b
@@ -137,6 +137,13 @@ def _check_same(mine: dict, saved: dict) -> None:
             raise CheckpointError(f"checkpoint sampler state: {key} was {value!r}, this run has "
                                   f"{mine.get(key)!r}; resume with the original tasks, sampler and seed "
                                   f"or start a new run")
+
+
+def check_temperature(temperature: float) -> None:
+    """``sampler.temperature``: the exponent T of p ∝ Nᵢ^T, finite and >= 0 (0: every task alike)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) \
+            or temperature < 0:
+        raise ConfigError(f"sampler.temperature must be a finite number >= 0, got {temperature}")
 
 
 SAMPLERS = {

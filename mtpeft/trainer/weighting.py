@@ -149,12 +149,15 @@ class StaticWeighting(LossWeighting):
         missing = [n for n in self.task_names if n not in static_weights]
         if unknown or missing:
             what = f"unknown task(s) {unknown}" if unknown else f"no weight for {missing}"
-            raise ConfigError(f"weighting.static_weights: {what}; give one weight per task: "
+            raise ConfigError(f"weighting.weights: {what}; give one weight per task: "
                               f"{', '.join(self.task_names)}")
         for name, w in static_weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ConfigError(f"weighting.static_weights.{name} must be a number >= 0, got {w!r}")
+                raise ConfigError(f"weighting.weights.{name} must be a number >= 0, got {w!r}")
         self._static = [float(static_weights[n]) for n in self.task_names]
+        if not any(self._static):
+            raise ConfigError("weighting.weights are all 0, so no task would train; give at least one task a "
+                              "positive weight")
 
     def _task_weight(self, task: int) -> float:
         return self._static[task]
@@ -353,9 +356,23 @@ class GradNorm(_LearnedWeighting):
 
 
 def _dwa(task_names: list[str], o: dict) -> LossWeighting:
-    if o["dwa_temperature"] <= 0:
-        raise ConfigError(f"weighting.dwa_temperature must be positive, got {o['dwa_temperature']}")
+    _at_least_zero("weighting.temperature", o["dwa_temperature"], zero_allowed=False)
     return DynamicWeightAverage(task_names, o["dwa_temperature"])
+
+
+def _famo(task_names: list[str], o: dict) -> LossWeighting:
+    _at_least_zero("weighting.gamma", o["famo_gamma"])
+    return Famo(task_names, o["lr"], o["famo_gamma"])
+
+
+def _gradnorm(task_names: list[str], o: dict) -> LossWeighting:
+    _at_least_zero("weighting.alpha", o["gradnorm_alpha"])
+    return GradNorm(task_names, o["lr"], o["gradnorm_alpha"])
+
+
+def _at_least_zero(key: str, value: float, zero_allowed: bool = True) -> None:
+    if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+        raise ConfigError(f"{key} must be a finite number {'>= 0' if zero_allowed else '> 0'}, got {value}")
 
 
 WEIGHTINGS = {
@@ -364,8 +381,8 @@ WEIGHTINGS = {
     "softmax_learnable": lambda names, o: SoftmaxLearnable(names, o["lr"]),
     "uncertainty": lambda names, o: Uncertainty(names, o["lr"]),
     "dwa": _dwa,
-    "famo": lambda names, o: Famo(names, o["lr"], o["famo_gamma"]),
-    "gradnorm": lambda names, o: GradNorm(names, o["lr"], o["gradnorm_alpha"]),
+    "famo": _famo,
+    "gradnorm": _gradnorm,
 }
 WEIGHTING_KINDS = tuple(WEIGHTINGS)  # the only list of weighting names; config validation reads it
 

@@ -32,6 +32,18 @@ def test_empirical_distribution_matches_probabilities(kind, temperature):
     assert chi2 < df + 5 * math.sqrt(2 * df)  # far beyond the 99.99th percentile (18.4 for df=2)
 
 
+def test_a_large_temperature_does_not_overflow():
+    """p ∝ Nᵢ^T with T = 300: 9000^300 overflows a float64, the probabilities must not. Against exact
+    rational arithmetic on the integers (Python's Fraction), to float64 rounding."""
+    from fractions import Fraction
+
+    sched = make_schedule("temperature", SIZES, seed=1, temperature=300)
+    weights = [Fraction(n) ** 300 for n in SIZES]
+    exact = [float(w / sum(weights)) for w in weights]
+    assert sched.probabilities() == pytest.approx(exact, rel=1e-12, abs=1e-300)
+    assert {sched.slot(t).task for t in range(200)} == {2}
+
+
 def test_hash_is_splitmix64():
     """Vigna's SplitMix64 from state 0 outputs e220a8397b1dcdaf, 6e789e6aa1b965f4, ...: pinning the
     published sequence keeps schedules reproducible across numpy versions and machines."""

@@ -44,8 +44,15 @@ def test_uniform_and_static():
         make_weighting("static", ["a", "b"], static_weights={"a": 1.0})
     with pytest.raises(ConfigError, match="unknown task"):
         make_weighting("static", ["a"], static_weights={"a": 1.0, "z": 2.0})
-    with pytest.raises(ConfigError, match="static_weights.a"):
+    with pytest.raises(ConfigError, match="weighting.weights.a must be a number >= 0"):
         make_weighting("static", ["a"], static_weights={"a": -1.0})
+    with pytest.raises(ConfigError, match="weighting.weights are all 0"):
+        make_weighting("static", ["a", "b"], static_weights={"a": 0, "b": 0.0})
+    for kind, key, values in (("dwa", "dwa_temperature", (0.0, -1.0, math.inf)), ("famo", "famo_gamma", (-0.1, math.nan)),
+                              ("gradnorm", "gradnorm_alpha", (-1.0, math.inf))):
+        for value in values:
+            with pytest.raises(ConfigError, match=f"weighting.{key.split('_')[-1]} must be a finite number"):
+                make_weighting(kind, ["a", "b"], **{key: value})
     with pytest.raises(ConfigError, match="weighting.kind"):
         make_weighting("pcgrad", ["a"])
 
