@@ -240,11 +240,12 @@ def normalise_record(fmt: RecordFormat, row, where: str) -> dict:
 
 def utf8_lines(path: str):
     """Yield ``(line number, text)`` of a UTF-8 file, naming the line of a byte that is not UTF-8
-    (a Latin-1 export, a binary file) instead of failing somewhere in a reader's buffer."""
+    (a Latin-1 export, a binary file) instead of failing somewhere in a reader's buffer. A byte-order
+    mark at the start (what some Windows editors write) is dropped."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                yield lineno, raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
                                 f"{exc.start + 1}); save the file as UTF-8") from None

@@ -58,6 +58,8 @@ def load_split(path: str, format_name: str, max_examples: int = 0) -> datasets.D
         _require_file(local)
         records = _parquet_records(str(local))
         stamp = _stamp(local)
+    elif local.is_dir():
+        raise DataError(f"{path} is a folder; name a .json, .jsonl or .parquet file in it")
     elif local.exists():
         raise DataError(f"{path}: unsupported file type {local.suffix!r}; use .json, .jsonl or .parquet")
     else:

@@ -194,6 +194,19 @@ def test_empty_and_missing_and_unsupported(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         load_split(str(tmp_path / "x.csv"), "devign")
+    with pytest.raises(DataError, match=f"{tmp_path} is a folder; name a .json, .jsonl or .parquet file"):
+        load_split(str(tmp_path), "devign")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_order_mark_is_dropped(tmp_path, suffix):
+    """A UTF-8 BOM (Notepad's "UTF-8 with BOM") gives the same records as the file without it."""
+    rows = [{"func": f"int f{i}() {{ return {i}; }}", "target": i % 2} for i in range(6)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_split(str(marked), "devign").to_list() == load_split(str(plain), "devign").to_list()
 
 
 def test_every_format_has_a_fixture():
