@@ -251,3 +251,60 @@ def test_bad_apps_records_name_the_problem():
         load_tests({"problem_id": 8, "input_output": {"inputs": ["1", "2"], "outputs": ["1"]}})
     tests = load_tests({"problem_id": 9, "input_output": {"inputs": [["1", "2"]], "outputs": [["3", "4"]]}})
     assert (tests[0].stdin, tests[0].expected) == ("1\n2", "3\n4")
+
+
+def _as_nobody(*argv: str):
+    import subprocess
+
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+
+
+SYSTEM_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or SYSTEM_PYTHON is None,
+                    reason="needs root to become another user (setpriv) and an interpreter outside /root")
+def test_a_non_root_user_is_confined_too(tmp_path_factory):
+    """The sandbox run by an unprivileged user (uid 65534 through setpriv; no uid switch, no mount
+    namespace then): the same user reads a world-readable file and writes a world-writable folder
+    outside, while the program it runs in the sandbox can do neither. The sandbox is stdlib-only, so
+    the system interpreter runs a copy of it from a folder that user can read."""
+    from pathlib import Path
+
+    import mtpeft.tasks.sandbox as sandbox
+
+    shared = Path(tempfile.mkdtemp(prefix="mtpeft-test-nonroot-"))
+    try:
+        shared.chmod(0o777)
+        for name in ("sandbox.py", "landlock.py"):
+            shutil.copy(Path(sandbox.__file__).with_name(name), shared / name)
+            (shared / name).chmod(0o644)
+        secret, drop = shared / "secret.txt", shared / "dropped.txt"
+        secret.write_text("the test's secret")
+        secret.chmod(0o644)
+        program = (f"try:\n    print(open({str(secret)!r}).read())\nexcept OSError as exc:\n    print(type(exc).__name__)\n"
+                   f"try:\n    open({str(drop)!r}, 'w').write('x')\nexcept OSError as exc:\n    print(type(exc).__name__)\n"
+                   "open('own.txt', 'w').write('mine')\nprint(open('own.txt').read())\n")
+        driver = shared / "driver.py"
+        driver.write_text(
+            "import importlib.util, json, os, sys\n"
+            f"spec = importlib.util.spec_from_file_location('sandbox', {str(shared / 'sandbox.py')!r})\n"
+            "sb = importlib.util.module_from_spec(spec); sys.modules['sandbox'] = sb; spec.loader.exec_module(sb)\n"
+            f"r = sb.run_program({program!r}, timeout_s=20)\n"
+            "print(json.dumps({'uid': os.geteuid(), 'status': r.status, 'stdout': r.stdout,"
+            " 'stderr': r.stderr[-2000:], 'isolation': list(r.isolation)}))\n")
+        driver.chmod(0o644)
+        control = _as_nobody(SYSTEM_PYTHON, "-I", "-c", f"print(open({str(secret)!r}).read()); "
+                                                        f"open({str(drop)!r}, 'w').write('x')")
+        assert control.returncode == 0 and "the test's secret" in control.stdout, control.stderr
+        drop.unlink()
+        proc = _as_nobody(SYSTEM_PYTHON, "-I", str(driver))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["uid"] == 65534 and r["status"] == "ok" and "landlock" in r["isolation"], r
+        assert "uid" not in r["isolation"] and "ro" not in r["isolation"], r  # the root-only layers
+        assert r["stdout"].split() == ["PermissionError", "PermissionError", "mine"], r
+        assert not drop.exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
