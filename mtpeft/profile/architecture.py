@@ -21,7 +21,7 @@ from torch import nn
 from mtpeft.errors import ConfigError, UserError
 from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.tuners.family import T5_TYPES, is_encoder
-from mtpeft.tuners.structure import block_list
+from mtpeft.tuners.structure import block_list, split_block
 
 ARCHS_DIR = Path(__file__).resolve().parent / "archs"  # the shipped architectures: one file per name
 SOURCE_KEY = "mtpeft_source"  # where a shipped file's values were read (not a transformers key)
@@ -62,6 +62,12 @@ class Architecture:
     max_positions: int
     gated_mlp: bool
     block_linears: List[LinearShape] = field(default_factory=list)
+    block_input_linears: List[str] = field(default_factory=list)
+    """Block linears that read the block's own input (through a norm only), in module order: q/k/v,
+    a fused qkv, and in a parallel block (CodeGen) the feed-forward's input too. In block 0 that input
+    is the frozen embedding, so their input gradients are never computed."""
+    attention_path: str = ""
+    """The attention module inside a block (``self_attn``, ``attn``), found by structure."""
     ia3_vectors: List[Tuple[int, bool]] = field(default_factory=list)
     """Per block, IA3's default scaling vectors as the trainer resolves them: (length, scales the input)."""
     block_norm_params: int = 0
@@ -196,10 +202,61 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
         gated_mlp=any(s.name.endswith("gate_proj") for s in linears),
         block_linears=linears,
+        block_input_linears=_block_input_linears(model, block, linears),
+        attention_path=_attention_path(block, int(cfg.hidden_size)),
         ia3_vectors=ia3_vectors,
         block_norm_params=sum(p.numel() for m in block.modules() if _is_norm(m) for p in m.parameters(False)),
         tensors=tensors,
     )
+
+
+def _block_input_linears(model: nn.Module, block: nn.Module, linears: List[LinearShape]) -> List[str]:
+    """Traced, not named: one forward of 4 tokens (on the meta device for a planned model: no memory,
+    no arithmetic) with every weight frozen except block 0's linears; a linear whose input needs no
+    gradient reads the block input.
+    Where a model will not run that forward (an unusual signature), the attention's linears other
+    than its output projection, from the block's structure."""
+    flags: Dict[str, bool] = {}
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    training = model.training
+    hooks = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                module.weight.requires_grad_(True)
+
+                def record(mod, args, name=name):
+                    if args and isinstance(args[0], torch.Tensor):
+                        flags.setdefault(name, args[0].requires_grad)
+
+                hooks.append(module.register_forward_pre_hook(record))
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            model.eval()(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device))
+    except Exception:  # noqa: BLE001  the structural answer below is the fallback, for any failure
+        flags = {}
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+        for p, wanted in frozen.items():
+            p.requires_grad_(wanted)
+    if flags and len(flags) == len(linears):
+        return [s.name for s in linears if not flags[s.name]]
+    try:
+        attention, attention_out, _, _ = split_block(block, int(model.config.hidden_size))
+    except ConfigError:
+        return []
+    return [s.name for s in linears if s.name.startswith(attention + ".") and s.name != attention_out]
+
+
+def _attention_path(block: nn.Module, hidden_size: int) -> str:
+    try:
+        return split_block(block, hidden_size)[0]
+    except ConfigError:  # a block the structural search cannot split: no attention-specific counts
+        return ""
 
 
 def _ia3_vectors(model: nn.Module, block: nn.Module) -> List[Tuple[int, bool]]:

@@ -10,7 +10,9 @@ parameters. So, per step, with ``T = b·L`` tokens and a matmul ``[m, k]·[k, n]
                dense tiles do); LM head ``2·T·h·V``; LoRA ``2·T·r·(in + out)`` per adapted linear.
   backward     input gradients of the frozen linears and the LM head (1 × their forward); attention
                ``dQ, dK, dP, dV`` (2 × its forward); LoRA: ``dB, d(xA), dA, dx`` (2 × its forward).
-               Block 0's q/k/v read the frozen embedding, which needs no gradient: their input
+               Block 0's linears that read the block input (q/k/v or a fused qkv, and in a parallel
+               block such as CodeGen's the feed-forward input too; traced, ``Architecture.
+               block_input_linears``) read the frozen embedding, which needs no gradient: their input
                gradients (base and LoRA ``dx``) are not computed, exactly as autograd skips them.
   recompute    with gradient checkpointing, one more forward of the blocks (not the LM head).
                torch's non-reentrant checkpoint stops recomputing once the last tensor backward
@@ -28,7 +30,15 @@ from typing import Any, Dict, Union
 
 from mtpeft.profile.architecture import Architecture, count_architecture, load_architecture
 
-_ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
+_ROLES_BY_COUNT = {1: ("qkv",), 2: ("q", "kv"), 3: ("q", "k", "v")}  # a fused qkv; q beside a fused kv; apart
+
+
+def _qkv_roles(arch: Architecture) -> Dict[str, str]:
+    """Which of q, k, v each attention input linear of a block produces, from their number and order
+    (every family registers q before k before v); a parallel block's feed-forward input is not one."""
+    attention = [n for n in arch.block_input_linears if n.startswith(arch.attention_path + ".")]
+    roles = _ROLES_BY_COUNT.get(len(attention), ("qkv",) * len(attention))
+    return dict(zip(attention, roles))
 
 
 def _as_architecture(config: Any) -> Architecture:
@@ -64,7 +74,6 @@ def step_flops(config: Union[str, Dict[str, Any], Any], seq: int, micro_batch: i
     T, h = b * L, arch.hidden_size
     leaf = lambda s: s.name.rsplit(".", 1)[-1]  # noqa: E731
     lora = [s for s in arch.block_linears if peft == "lora" and (targets is None or leaf(s) in targets)]
-    lora_leaves = {leaf(s) for s in lora}
 
     fwd_linear = n_layers * sum(2 * T * s.in_features * s.out_features for s in arch.block_linears)
     one_attn_matmul = 2 * b * arch.num_heads * L * keys * arch.head_dim
@@ -81,12 +90,13 @@ def step_flops(config: Union[str, Dict[str, Any], Any], seq: int, micro_batch: i
     skipped_lora_dx = 0
     bwd_attn = 2 * fwd_attn
     if layer0_frozen_input:
-        attn_in = [s for s in arch.block_linears if leaf(s) in _ATTN_INPUTS]
-        skipped_dx = sum(2 * T * s.in_features * s.out_features for s in attn_in)
-        skipped_lora_dx = sum(2 * T * r * s.in_features for s in lora if leaf(s) in _ATTN_INPUTS)
-        q_grad = "q_proj" in lora_leaves or peft == "prefix"
-        k_grad = "k_proj" in lora_leaves or peft in ("prefix", "ia3")
-        v_grad = "v_proj" in lora_leaves or peft in ("prefix", "ia3")
+        reads_input = set(arch.block_input_linears)
+        skipped_dx = sum(2 * T * s.in_features * s.out_features for s in arch.block_linears if s.name in reads_input)
+        skipped_lora_dx = sum(2 * T * r * s.in_features for s in lora if s.name in reads_input)
+        trained = {role for s in lora for role in _qkv_roles(arch).get(s.name, ())}
+        q_grad = "q" in trained or peft == "prefix"
+        k_grad = "k" in trained or peft in ("prefix", "ia3")
+        v_grad = "v" in trained or peft in ("prefix", "ia3")
         layer0 = one_attn_matmul * (int(q_grad) + int(k_grad) + int(q_grad or k_grad) + int(v_grad))
         bwd_attn = 2 * fwd_attn * (n_layers - 1) // n_layers + layer0
 

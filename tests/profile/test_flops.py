@@ -116,3 +116,37 @@ def test_sdpa_on_cpu_is_invisible_to_flop_counter_mode():
     measurement lacks exactly the attention terms (forward 2 matmuls, backward 4, per block)."""
     terms = step_flops(_config("sdpa"), L, B, r=R, checkpointing=False)
     assert _measured(False, "sdpa") == terms["total"] - terms["forward_attention"] - terms["backward_attention"]
+
+
+def _family_config(family: str):
+    from transformers import CodeGenConfig, GPTBigCodeConfig, Starcoder2Config
+
+    return {  # eager attention: every matmul is one FlopCounterMode sees
+        "codegen": lambda: CodeGenConfig(n_embd=H, n_layer=LAYERS, n_head=HEADS, rotary_dim=8, vocab_size=V,
+                                         n_positions=64, n_ctx=64, attn_implementation="eager"),
+        "gpt_bigcode": lambda: GPTBigCodeConfig(n_embd=H, n_layer=LAYERS, n_head=HEADS, vocab_size=V, n_positions=64,
+                                                multi_query=True, attn_implementation="eager"),
+        "starcoder2": lambda: Starcoder2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
+                                               num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
+                                               attn_implementation="eager"),
+    }[family]()
+
+
+@pytest.mark.parametrize("family", ["codegen", "gpt_bigcode", "starcoder2"])
+def test_flop_counter_mode_agrees_on_other_families(family):
+    """Block 0's skipped input gradients are found by tracing, not by Llama names: a fused qkv
+    (CodeGen, GPT-BigCode's multi-query c_attn) and CodeGen's parallel block, whose feed-forward reads
+    the frozen embedding too. LoRA on every block linear (HF peft's all-linear), exact match."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = _family_config(family)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=R, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(0, V, (B, L))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert counter.get_total_flops() == step_flops(config, L, B, "lora", r=R, checkpointing=False)["total"]
