@@ -271,7 +271,7 @@ def write_profile_report(out: Path, r: dict, records: List[dict]) -> None:
         notes.append("FlopCounterMode counts aten matmuls only: work inside custom (Triton) kernels, such as the "
                      "fused NF4·LoRA op, is not in the counted step.")
     if not r["flops_per_step"]:
-        notes.append("FLOPs: flops.step_flops cannot read this model (not a Llama-style decoder); the counted "
+        notes.append("FLOPs: flops.step_flops cannot read this model (profile.architecture could not build it); the counted "
                      "step (FlopCounterMode) is the only FLOP figure.")
     r["table"] = "\n".join([report.text_table(HEADERS, rows), *notes])
     measured = {k: r["model_states_measured"].get(k, 0) for k in measure.STATE_KEYS}

@@ -256,7 +256,7 @@ def run_savings(cfg, out: Path, steps: int = 4, variants: Optional[List[str]] = 
 
 
 def _schedule_flops(cfg, tasks, tok, steps: int) -> Optional[List[int]]:
-    """Frozen-base LoRA FLOPs of each scheduled step (``flops.step_flops``), None for non-Llama bases."""
+    """Frozen-base LoRA FLOPs of each scheduled step (``flops.step_flops``), None where the base cannot be read."""
     from mtpeft.profile.architecture import load_architecture
     from mtpeft.profile.run_flops import step_flops_of_run
 
