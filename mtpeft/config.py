@@ -20,6 +20,7 @@ import yaml
 from mtpeft.errors import ConfigError
 from mtpeft.output_folder import check_output_folder
 from mtpeft.shipped_files import run_config, run_config_names
+from mtpeft.yaml_files import YamlFileProblem, read_yaml
 
 
 @dataclass
@@ -152,11 +153,9 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML RunConfig "
                           f"or a shipped one ({', '.join(run_config_names())})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raw = read_yaml(path)
+    except YamlFileProblem as exc:
+        raise ConfigError(f"{exc.where}: {exc.problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, peft, tasks, ...)")
     for item in overrides or []:

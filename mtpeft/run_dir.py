@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from mtpeft.config import RunConfig, from_dict
 from mtpeft.errors import CheckpointError
 from mtpeft.trainer.build import build_model
 from mtpeft.trainer.damaged import complete_tags, reading
 from mtpeft.trainer.export import load_export
+from mtpeft.yaml_files import YamlFileProblem, read_yaml
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -24,11 +24,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); pass the output.dir of a run")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise CheckpointError(f"{where}: the run's config cannot be read ({getattr(exc, 'problem', None) or exc}); "
+        raw = read_yaml(path)
+    except YamlFileProblem as exc:
+        raise CheckpointError(f"{exc.where}: the run's config cannot be read ({exc.problem}); "
                               f"restore it from the config the run was started with") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a RunConfig; restore it from the config the run was started with")

@@ -231,6 +231,28 @@ def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys, suffix
     assert f"{bad}:{line}: not UTF-8 text (byte 0xe9" in msg and "save the file as UTF-8" in msg
 
 
+@pytest.mark.parametrize("case", ["latin-1 byte", "key twice", "key twice in a flow mapping"])
+def test_a_config_file_that_is_not_clean_yaml_names_its_line(tmp_path, capsys, case):
+    """PyYAML keeps the last of two equal keys silently; a second ``max_steps`` must not quietly win."""
+    text = _config(tmp_path).read_text().splitlines()
+    at = next(i for i, line in enumerate(text) if line.strip().startswith("max_steps:"))
+    if case == "latin-1 byte":
+        data = "\n".join(text).encode().replace(b"max_steps:", b"max_st\xe9ps:", 1)
+        expect = f":{at + 1}: not UTF-8 text (byte 0xe9)"
+    elif case == "key twice":
+        text.insert(at + 1, text[at].replace(text[at].strip(), "max_steps: 999"))
+        data, expect = "\n".join(text).encode(), f"key 'max_steps' is given twice (lines {at + 1} and {at + 2})"
+    else:
+        data = b"model: {name_or_path: a, name_or_path: b}\n"
+        expect = "bad.yaml:1: not valid YAML (key 'name_or_path' is given twice (lines 1 and 1)"
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(data)
+    line = _one_error(capsys, "train", str(bad))
+    assert line.startswith(f"error: {bad}:") and expect in line, line
+    line = _one_error(capsys, "eval", "--zero-shot", "mtpeft/assets/demo/base_model", "--tasks", str(bad))
+    assert expect in line, line
+
+
 def _raising(exc):
     def cmd(args):
         raise exc

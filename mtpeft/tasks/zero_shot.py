@@ -31,6 +31,7 @@ from mtpeft.failed_writes import writing
 from mtpeft.output_folder import check_output_file
 from mtpeft.tasks.classification import Classify
 from mtpeft.tasks.loading import load_split
+from mtpeft.yaml_files import YamlFileProblem, read_yaml
 
 CLASSIFICATION_KINDS = ("classify", "pair_classify")
 MODES = ("loglik", "generate")
@@ -233,15 +234,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_tasks(path: str, model_name_or_path: str) -> list[TaskConfig]:
     """Tasks of a RunConfig YAML, or of a YAML list of task mappings (paths relative to the file)."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--tasks {path}: file not found; pass a RunConfig YAML or a YAML list of tasks")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--tasks {path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raw = read_yaml(p)
+    except YamlFileProblem as exc:
+        raise ConfigError(f"--tasks {exc.where}: {exc.problem}") from None
     if isinstance(raw, list):
         cfg: RunConfig = from_dict({"model": {"name_or_path": model_name_or_path}, "tasks": raw},
                                    base_dir=p.resolve().parent, source=str(p))

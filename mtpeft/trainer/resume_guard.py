@@ -14,6 +14,7 @@ import yaml
 from mtpeft.config import RunConfig
 from mtpeft.errors import CheckpointError
 from mtpeft.trainer.checkpoint import latest_tag
+from mtpeft.yaml_files import YamlFileProblem, read_yaml
 
 FREE_ON_RESUME = (
     r"train\.(max_steps|eval_every|save_every|keep_checkpoints|max_bad_steps|collective_timeout_s|transfer_every)",
@@ -49,9 +50,9 @@ def check_same_run(cfg: RunConfig, run_dir: Path) -> None:
         return
     saved_path = run_dir / "config.yaml"
     try:
-        saved = yaml.safe_load(saved_path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{saved_path}: the run's own config cannot be read ({type(exc).__name__}), so a resume "
+        saved = read_yaml(saved_path)
+    except YamlFileProblem as exc:
+        raise CheckpointError(f"{exc.where}: the run's own config cannot be read ({exc.problem}), so a resume "
                               f"cannot be checked; restore the file or choose a new output.dir") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{saved_path}: not a RunConfig; restore the file or choose a new output.dir")

@@ -80,4 +80,4 @@ def test_damaged_run_config_is_named(tmp_path, capsys):
     (run / "config.yaml").write_text("model: {name_or_path: [unclosed\n")
     code = main(["train", str(config), "--set", f"output.dir={run}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "config.yaml: the run's own config cannot be read" in err[0], err
+    assert code == 2 and len(err) == 1 and "config.yaml:2: the run's own config cannot be read (not valid YAML" in err[0], err
