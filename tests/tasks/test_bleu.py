@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
-from mtpeft.tasks.bleu import BLEU_CONVENTIONS, bleu_sacrebleu, bleu_study
+from mtpeft.tasks.bleu import BLEU_CONVENTIONS, bleu_conala, bleu_sacrebleu, bleu_study, conala_tokens
 
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "codegen_pairs.json").read_text())
 PREDS = [p["prediction"] for p in FIXTURE["pairs"]]
@@ -52,6 +52,28 @@ def test_sacrebleu_convention_by_hand():
     assert bleu_sacrebleu(["a b c d"], ["a b c e"]) == pytest.approx((3 / 4 * 2 / 3 * 1 / 2 * 1 / 2) ** 0.25)
     assert bleu_sacrebleu(PREDS, REFS) == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score / 100)
     assert not math.isclose(bleu_sacrebleu(PREDS, REFS), bleu_study(PREDS, REFS), rel_tol=0.1)
+
+
+def test_conala_tokens_by_hand():
+    """The CoNaLa leaderboard's rule: symbols alone, camelCase split at a lower-to-upper change,
+    both quote kinds a backtick, whitespace only separates."""
+    assert conala_tokens("df.groupBy('a')[\"b\"]  +=1") == [
+        "df", ".", "group", "By", "(", "`", "a", "`", ")", "[", "`", "b", "`", "]", "+", "=", "1"]
+    assert conala_tokens("HTTPServer my_var2\tx") == ["HTTPServer", "my_var2", "x"]  # upper-to-upper: no split
+
+
+def test_conala_bleu_equals_sacrebleu_on_its_tokens():
+    """An independent implementation of the same rule: sacrebleu on the CoNaLa tokens joined by
+    spaces, its own tokenizer off, no smoothing (the leaderboard's compute_bleu(smooth=False))."""
+    def reference(preds, refs):
+        joined = lambda xs: [" ".join(conala_tokens(x)) for x in xs]  # noqa: E731
+        return sacrebleu.corpus_bleu(joined(preds), [joined(refs)], tokenize="none", smooth_method="none",
+                                     force=True).score / 100
+    assert bleu_conala(PREDS, REFS) == pytest.approx(reference(PREDS, REFS), rel=1e-12)
+    for p, r in zip(PREDS, REFS):
+        assert bleu_conala([p], [r]) == pytest.approx(reference([p], [r]), rel=1e-12, abs=1e-15)
+    assert bleu_conala(["bar"], ["foo"]) == 0.0 and bleu_conala([""], ["a b"]) == 0.0  # no smoothing
+    assert not math.isclose(bleu_conala(PREDS, REFS), bleu_study(PREDS, REFS), rel_tol=0.05)
 
 
 def test_config_takes_every_bleu_and_codebleu_convention_and_names_them_on_a_typo(tmp_path, capsys):
