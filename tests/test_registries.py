@@ -39,3 +39,14 @@ def test_planner_takes_every_method():
     for name in METHODS:
         spec = parse_peft(name)
         assert spec.method == ("lora" if name == "mtl_lora" else name)
+
+
+def test_planner_defaults_are_the_trainers():
+    """``plan --peft METHOD`` without options plans what ``mtpeft train`` builds with ``peft.method``
+    alone: the same rank, alpha, virtual tokens and bottleneck (read here from a config, not from the
+    settings classes the planner reads)."""
+    for name, option, key in (("lora", "r", "r"), ("lora", "alpha", "alpha"), ("prompt", "n", "num_virtual_tokens"),
+                              ("prefix", "n", "num_virtual_tokens"), ("serial_adapter", "bottleneck", "bottleneck"),
+                              ("parallel_adapter", "bottleneck", "bottleneck")):
+        trained = getattr(load_config(DEMO, [f"peft={{method: {name}}}"]).peft.settings(), key)
+        assert parse_peft(name).get(option) == trained, (name, option)

@@ -64,6 +64,7 @@ GPU; the GPU keeps the gather buffers and activations. Host bytes are per node.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -79,14 +80,25 @@ DQ_CODE_BYTES = 256 * 4
 DQ_OFFSET_BYTES = 4
 _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                  "gate_proj": "mlp_in", "up_proj": "mlp_in"}
-_PEFT_DEFAULTS = {  # keyed by the methods the plan models; the others plan as one of them (registry.planned_as)
-    "lora": {"r": 16, "alpha": 32, "dropout": None, "targets": "all"},
-    "ia3": {},
-    "prompt": {"n": 20},
-    "prefix": {"n": 10},
-    "serial_adapter": {"bottleneck": 64},
-    "parallel_adapter": {"bottleneck": 64},
-}
+
+
+@functools.cache
+def peft_defaults() -> Dict[str, Dict[str, Any]]:
+    """The ``--peft`` options of each method the plan models (the others plan as one of them,
+    ``registry.planned_as``), with the trainer's own defaults: each method's settings dataclass is
+    the one source, so ``plan --peft prefix`` plans the virtual tokens ``mtpeft train`` would use.
+    LoRA's dropout stays unset (``lora_dropout`` decides) and its targets are every block linear."""
+    from mtpeft.tuners.registry import METHODS
+
+    lora, adapter = METHODS["lora"].settings(), METHODS["serial_adapter"].settings()
+    return {
+        "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": None, "targets": "all"},
+        "ia3": {},
+        "prompt": {"n": METHODS["prompt"].settings().num_virtual_tokens},
+        "prefix": {"n": METHODS["prefix"].settings().num_virtual_tokens},
+        "serial_adapter": {"bottleneck": adapter.bottleneck},
+        "parallel_adapter": {"bottleneck": METHODS["parallel_adapter"].settings().bottleneck},
+    }
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ class PeftSpec:
     options: Dict[str, Any]
 
     def get(self, key: str) -> Any:
-        return self.options.get(key, _PEFT_DEFAULTS[self.method].get(key))
+        return self.options.get(key, peft_defaults()[self.method].get(key))
 
 
 def parse_peft(spec: str) -> PeftSpec:
@@ -113,8 +125,8 @@ def parse_peft(spec: str) -> PeftSpec:
         if not eq:
             key, value = ("n" if method in ("prompt", "prefix") else "bottleneck"), key
         key = key.strip()
-        if key not in _PEFT_DEFAULTS[method]:
-            known = ", ".join(_PEFT_DEFAULTS[method]) or "none"
+        if key not in peft_defaults()[method]:
+            known = ", ".join(peft_defaults()[method]) or "none"
             raise UserError(f"--peft {spec!r}: unknown option {key!r} for {method}; known: {known}")
         if key == "targets":
             options[key] = value.strip()
@@ -422,7 +434,7 @@ def plan(arch: Architecture, s: PlanSettings) -> Dict[str, Any]:
             "gpu_mem_gib": s.gpu_mem_gib, "seq": s.seq, "micro_batch": s.micro_batch,
             "peft": s.peft.method,
             "peft_options": {k: (lora_dropout(s) if k == "dropout" else s.peft.get(k))
-                             for k in _PEFT_DEFAULTS[s.peft.method]},
+                             for k in peft_defaults()[s.peft.method]},
             "saves_dequantized_weight": dequantized_weight_saved(s),
             "quant": s.quant, "double_quant": s.double_quant, "offload": s.offload,
             "checkpointing": s.checkpointing, "attention": s.attention, "logits_chunk": s.logits_chunk,
