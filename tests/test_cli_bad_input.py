@@ -253,6 +253,16 @@ def test_a_config_file_that_is_not_clean_yaml_names_its_line(tmp_path, capsys, c
     assert expect in line, line
 
 
+@pytest.mark.parametrize("variable,value", [("MTPEFT_KERNELS", "cuda"), ("MTPEFT_NF4_FUSED_MAX_M", "abc"),
+                                            ("MTPEFT_NF4_FUSED_MAX_M", "-5")])
+def test_a_bad_kernel_environment_variable_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                            variable, value):
+    monkeypatch.setenv(variable, value)
+    cfg = _config(tmp_path)
+    line = _one_error(capsys, "train", str(cfg), "--set", "model.quant=nf4")
+    assert line.startswith(f"error: environment variable {variable}={value!r}") and not (tmp_path / "run").exists()
+
+
 def _raising(exc):
     def cmd(args):
         raise exc

@@ -37,6 +37,8 @@ _poison = False
 
 
 def kernel_mode() -> str:
+    """``MTPEFT_KERNELS``; ``MTPEFT_NF4_FUSED_MAX_M`` is checked here too, so a bad value is named at
+    the first 4-bit layer call on any machine, not only where the crossover is read (Triton, auto)."""
     mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if mode not in CHOICES:
         raise ConfigError(
@@ -44,6 +46,7 @@ def kernel_mode() -> str:
             f"{', '.join(CHOICES)}; set it to auto (Triton on CUDA, torch on CPU), triton, torch, or fused / "
             f"dequant (Triton, one path of the 4-bit layer)"
         )
+    fused_max_m()
     return mode
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from mtpeft.config import RunConfig, dump_config
 from mtpeft.failed_writes import writing
 from mtpeft.launch.extension_lock import check_extension_locks
+from mtpeft.kernels.backend import kernel_mode
 from mtpeft.launch.nvme import fill_nvme_paths
 from mtpeft.trainer import checkpoint
 from mtpeft.trainer.build import build_model, load_tokenizer
@@ -80,6 +81,7 @@ class Recipe:
             check_same_run(cfg, self.run_dir)  # before config.yaml is rewritten; every rank reads the same files
         if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
             check_extension_locks()  # a lock left by a killed op build would hang the process group silently
+        kernel_mode()  # MTPEFT_KERNELS / MTPEFT_NF4_FUSED_MAX_M named now, not at the first step after loading
         self.tasks = prepare_tasks(cfg)  # bad data fails here, before any process group exists
         self.ctx = ctx = init_distributed(cfg.train.collective_timeout_s)
         self.ds_config = fill_nvme_paths(build_ds_config(cfg, ctx.world), cfg.deepspeed.config)  # node-local disk
