@@ -44,6 +44,8 @@ def parse_hostfile(path: str | Path) -> list[HostEntry]:
             continue
         where = f"{path}:{number}"
         fields = line.split()
+        if len(fields) == 1 and _SLOTS.match(fields[0]):
+            raise LaunchError(f"{where}: '{line}' has no host name; write 'HOST {fields[0]}' ({FORMAT_HINT})")
         if len(fields) == 1:
             raise LaunchError(f"{where}: '{line}' has no slots; write '{fields[0]} slots=N' ({FORMAT_HINT})")
         if len(fields) > 2 or not _HOST.match(fields[0]):

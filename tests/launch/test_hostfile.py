@@ -19,6 +19,7 @@ SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 
 MALFORMED = {
     "missing_slots": ("node-a slots=2\nnode-b\n", 2, "has no slots"),
+    "missing_host": ("node-a slots=2\nslots=4\n", 2, "'slots=4' has no host name; write 'HOST slots=4'"),
     "zero_slots": ("# two nodes\nnode-a slots=0\n", 2, "positive integer"),
     "letter_slots": ("node-a slots=x\n", 1, "positive integer"),
     "negative_slots": ("\nnode-a slots=-1\n", 2, "positive integer"),
