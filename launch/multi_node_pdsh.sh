@@ -51,4 +51,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"  # TERM/INT/HUP reach e
 # the pdsh runner signals every host itself (pkill over pdsh); MPI and srun forward what their group gets
 target=group
 [[ ${launcher,,} == pdsh ]] && target=leader
-run_in_group "$target" "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$launcher" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"
+# Where the ranks report a saved checkpoint after a signal: the working directory, which every
+# launcher enters on every host (the pdsh runner cds into it), so a shared one brings the report
+# back here; these launchers forward no such variable, hence --preempted-file.
+marker=$(new_preempted_marker "$PWD" 2>/dev/null || new_preempted_marker)
+run_in_group "$target" "$marker" "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$launcher" "${ds_args[@]}" \
+  --module mtpeft train "$CONFIG" --preempted-file "$marker" "$@"

@@ -58,4 +58,4 @@ if [[ -n $num_gpus ]]; then
 fi
 
 source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"  # TERM/INT/HUP reach every process of the run
-run_in_group group "$DEEPSPEED" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"
+run_in_group group "$(new_preempted_marker)" "$DEEPSPEED" "${ds_args[@]}" --module mtpeft train "$CONFIG" "$@"

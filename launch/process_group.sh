@@ -4,16 +4,24 @@
 # one node: its per-node launcher and ranks go on training as orphans, without a checkpoint).
 #
 # Exit status: the launcher's, except after a forwarded signal when the run saved its checkpoint
-# (local rank 0 writes the tag to $MTPEFT_PREEMPTED_FILE): then 0. DeepSpeed's per-node launcher
+# (each node's local rank 0 writes the tag to MARKER): then 0. DeepSpeed's per-node launcher
 # itself exits 1 after any SIGTERM, whatever its ranks did, so its status cannot say so.
 #
-#   run_in_group group|leader COMMAND...   (leader: forward to COMMAND only, which signals the rest
-#                                          itself: the pdsh runner, whose ranks are on other hosts)
+#   marker=$(new_preempted_marker [DIR])   an empty file in DIR (default $TMPDIR or /tmp)
+#   run_in_group group|leader MARKER COMMAND...
+#       group:  forward to COMMAND's whole process group (one node: every rank is in it)
+#       leader: forward to COMMAND only, which signals the rest itself (the pdsh runner, whose
+#               ranks are on other hosts)
+# MARKER reaches the ranks as MTPEFT_PREEMPTED_FILE; the multi-node launchers do not forward the
+# environment, so there the caller also passes it on the command line (--preempted-file).
+
+new_preempted_marker() {
+  mktemp "${1:-${TMPDIR:-/tmp}}/.mtpeft-preempted.XXXXXX"
+}
 
 run_in_group() {
-  local target=$1 marker pid status
-  shift
-  marker=$(mktemp "${TMPDIR:-/tmp}/mtpeft-preempted.XXXXXX")
+  local target=$1 marker=$2 pid status
+  shift 2
   export MTPEFT_PREEMPTED_FILE=$marker
   MTPEFT_SIGNALLED=
   set -m  # job control: the background job gets a process group whose id is its pid

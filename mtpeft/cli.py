@@ -12,13 +12,15 @@ from mtpeft.command_parser import CommandParser, port_number, whole_number
 from mtpeft.errors import ConfigError, DataError, UserError, WriteError
 from mtpeft.failed_writes import FREE_SPACE, reason
 from mtpeft.shipped_files import run_config
-from mtpeft.trainer.faults import RunAborted
+from mtpeft.trainer.faults import Preemption, RunAborted
 
 
 def _cmd_train(args) -> int:
     from mtpeft.config import load_config
     from mtpeft.trainer.recipe import train
 
+    if args.preempted_file:
+        Preemption.report_to(args.preempted_file)
     cfg = load_config(args.config, args.set)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # once, before any rank writes into the folder
         check_run_folder(Path(cfg.output.dir), f"{cfg.source}: output.dir", args.force)
@@ -141,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--preempted-file", default=None, metavar="PATH",
+                   help="after a SIGTERM, each node's local rank 0 writes the saved checkpoint's tag here (set by "
+                        "launch/multi_node_pdsh.sh; MTPEFT_PREEMPTED_FILE does the same where the environment reaches the ranks)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train, evaluate and export the built-in demo through the deepspeed launcher")

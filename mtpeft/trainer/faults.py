@@ -38,6 +38,12 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
     @staticmethod
+    def report_to(path: str) -> None:
+        """Name the file ``report_saved`` writes: for launchers that forward no environment (pdsh,
+        MPI, srun), ``mtpeft train --preempted-file`` carries it on the command line."""
+        os.environ[PREEMPTED_FILE_ENV] = str(Path(path).absolute())
+
+    @staticmethod
     def report_saved(tag: str) -> None:
         """Tell the launch script that the checkpoint of a preempted run is complete. DeepSpeed's
         per-node launcher exits 1 after a SIGTERM whatever its ranks did (``launch.py`` ends its

@@ -16,8 +16,16 @@ import pytest
 from distributed import REPO
 
 FAKE_DEEPSPEED = r'''#!/usr/bin/env bash
-"$FAKE_PYTHON" - <<'PY' &
+# pdsh starts the ranks on other hosts without this environment: they learn the marker from argv
+[[ ${FAKE_LAUNCHER:-} == pdsh ]] && unset MTPEFT_PREEMPTED_FILE
+"$FAKE_PYTHON" - "$@" <<'PY' &
 import os, signal, sys, time
+if os.environ.get("FAKE_LAUNCHER") == "pdsh":
+    from mtpeft.cli import build_parser
+    from mtpeft.trainer.faults import Preemption
+    args = build_parser().parse_args(sys.argv[sys.argv.index("mtpeft") + 1:])
+    assert "MTPEFT_PREEMPTED_FILE" not in os.environ and args.preempted_file
+    Preemption.report_to(args.preempted_file)  # what `mtpeft train` does with it
 def term(*_):
     time.sleep(0.5)  # writing the checkpoint
     if os.environ.get("FAKE_SAVES") == "1":
@@ -30,8 +38,11 @@ os.replace(os.environ["FAKE_DIR"] + "/rank_pid.tmp", os.environ["FAKE_DIR"] + "/
 while True:
     time.sleep(0.05)
 PY
+rank=$!
 echo "$@" > "$FAKE_DIR/argv"
 [[ ${FAKE_LAUNCHER:-exit1} == exit1 ]] && trap 'exit 1' TERM
+# the pdsh runner's handler signals the ranks on every host (pdsh + pkill), then exits 1
+[[ ${FAKE_LAUNCHER:-} == pdsh ]] && trap 'kill -TERM $rank; wait $rank; exit 1' TERM
 while :; do sleep 0.05; done
 '''
 
@@ -52,14 +63,15 @@ def _stop_and_report(proc: subprocess.Popen, why: str) -> None:
     raise AssertionError(f"{why} (exit {proc.returncode}):\n{out[-1500:]}\n{err[-3000:]}")
 
 
-def _run_and_terminate(tmp_path: Path, script: list[str], saves: bool, launcher: str = "exit1", **extra: str):
+def _run_and_terminate(tmp_path: Path, script: list[str], saves: bool, launcher: str = "exit1", cwd: Path = REPO,
+                       **extra: str):
     fake = tmp_path / "deepspeed"
     fake.write_text(FAKE_DEEPSPEED)
     fake.chmod(0o755)
     env = {**os.environ, "DEEPSPEED": str(fake), "FAKE_DIR": str(tmp_path), "FAKE_SAVES": "1" if saves else "0",
            "FAKE_PYTHON": sys.executable, "FAKE_LAUNCHER": launcher, "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
-           **extra}
-    proc = subprocess.Popen(["bash", *script], env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+           "PYTHONPATH": str(REPO), **extra}
+    proc = subprocess.Popen(["bash", *script], env=env, cwd=str(cwd), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 30
@@ -90,7 +102,27 @@ def test_sigterm_reaches_the_ranks_and_a_saved_run_exits_0(tmp_path, name, launc
     code, err, rank = _run_and_terminate(tmp_path, script, saves=True, launcher=launcher)
     assert (tmp_path / "rank_saved").exists() and not _alive(rank)
     assert code == 0 and "checkpoint step7 saved; rerun the same command to resume" in err, (code, err)
-    assert not list(tmp_path.glob("mtpeft-preempted.*"))  # the marker is removed
+    assert not list(tmp_path.glob(".mtpeft-preempted.*"))  # the marker is removed
+
+
+def test_pdsh_ranks_report_a_saved_checkpoint_through_the_shared_working_directory(tmp_path):
+    """pdsh forwards no environment and the launch host's TMPDIR is not the ranks': the script names a
+    marker in the working directory (which the pdsh runner enters on every host) on the command line."""
+    (tmp_path / "hosts").write_text("localhost slots=1\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pdsh").write_text("#!/usr/bin/env bash\nexit 0\n")
+    (bin_dir / "pdsh").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    code, err, rank = _run_and_terminate(
+        tmp_path, [str(REPO / "launch/multi_node_pdsh.sh"), str(tmp_path / "hosts"), "cfg.yaml"], saves=True,
+        launcher="pdsh", cwd=work, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[argv.index("--preempted-file") + 1].startswith(str(work / ".mtpeft-preempted."))
+    assert (tmp_path / "rank_saved").exists() and not _alive(rank)
+    assert code == 0 and "checkpoint step7 saved; rerun the same command to resume" in err, (code, err)
+    assert not list(work.iterdir())  # the marker is removed
 
 
 def test_a_run_that_did_not_save_keeps_the_launchers_status(tmp_path):
@@ -185,3 +217,23 @@ def test_a_preempted_demo_ends_quietly(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "run_in_group", lambda cmd: 0)
     assert main(["demo", "--ranks", "1", "--out", str(tmp_path / "d")]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_train_takes_the_marker_from_the_command_line(tmp_path, monkeypatch):
+    """`mtpeft train --preempted-file PATH` (relative to where the rank starts) is where a saved
+    preemption is reported, as MTPEFT_PREEMPTED_FILE is on one node."""
+    from mtpeft import cli
+    from mtpeft.launch.process_group import PREEMPTED_FILE_ENV
+    from mtpeft.trainer import recipe
+    from mtpeft.trainer.faults import Preemption
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(PREEMPTED_FILE_ENV, "")  # so that monkeypatch removes what report_to sets
+    monkeypatch.delenv(PREEMPTED_FILE_ENV)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    seen = []
+    monkeypatch.setattr(recipe, "train", lambda cfg, leave_group: seen.append(os.environ.get(PREEMPTED_FILE_ENV)))
+    assert cli.main(["train", "demo", "--set", f"output.dir={tmp_path / 'run'}", "--preempted-file", "m"]) == 0
+    assert seen == [str(tmp_path / "m")]
+    Preemption.report_saved("step3")
+    assert (tmp_path / "m").read_text() == "step3\n"
