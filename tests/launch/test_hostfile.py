@@ -99,12 +99,12 @@ def _stub_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _run_script(tmp_path: Path, argv: list[str], **extra_env) -> subprocess.CompletedProcess:
+def _run_script(tmp_path: Path, argv: list[str], cwd: Path = REPO, **extra_env) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{_stub_bin(tmp_path)}:{os.environ['PATH']}", PYTHON=sys.executable, **extra_env)
     for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NUM_GPUS", "HOSTFILE"):
         if k not in extra_env:
             env.pop(k, None)
-    return subprocess.run(argv, capture_output=True, text=True, cwd=str(REPO), env=env, timeout=60)
+    return subprocess.run(argv, capture_output=True, text=True, cwd=str(cwd), env=env, timeout=60)
 
 
 def _launches(stdout: str) -> list[list[str]]:
@@ -128,12 +128,17 @@ def test_per_node_script_builds_the_no_ssh_command(tmp_path, two_hosts):
 
 
 def test_multi_node_script_passes_the_launcher_through(tmp_path, two_hosts):
+    work = tmp_path / "work"
+    work.mkdir()
     proc = _run_script(tmp_path, [str(LAUNCH / "multi_node_pdsh.sh"), "--launcher", "openmpi", "--launcher_args",
-                                  "-x FOO", str(two_hosts), "cfg.yaml"])
+                                  "-x FOO", str(two_hosts), "cfg.yaml", "--set", "train.lr=1e-4"], cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert _launches(proc.stdout) == [["--hostfile", str(two_hosts), "--launcher", "openmpi", "--launcher_args", "-x FOO",
-                                       "--master_addr", "node-a", "--master_port", "29500",
-                                       "--module", "mtpeft", "train", "cfg.yaml"]]
+    (argv,) = _launches(proc.stdout)
+    marker = argv.index("--preempted-file")
+    assert argv[:marker] == ["--hostfile", str(two_hosts), "--launcher", "openmpi", "--launcher_args", "-x FOO",
+                             "--master_addr", "node-a", "--master_port", "29500", "--module", "mtpeft", "train", "cfg.yaml"]
+    assert Path(argv[marker + 1]).parent == work and argv[marker + 2:] == ["--set", "train.lr=1e-4"]
+    assert not list(work.iterdir())  # the marker is gone when the launcher is
 
 
 def test_slurm_script_runs_one_launcher_per_node(tmp_path):
