@@ -68,6 +68,12 @@ class Architecture:
     is the frozen embedding, so their input gradients are never computed."""
     attention_path: str = ""
     """The attention module inside a block (``self_attn``, ``attn``), found by structure."""
+    attention_output: str = ""
+    """The attention's output projection inside a block (``self_attn.o_proj``, ``attn.c_proj``)."""
+    input_reader: Dict[str, str] = field(default_factory=dict)
+    """Traced: each block linear → the first block linear (module order) that reads the very same input
+    tensor (q/k/v; gate/up; CodeGen's qkv and feed-forward input), so that an input saved for LoRA's
+    backward is counted once. Untraceable models map each linear to itself."""
     ia3_vectors: List[Tuple[int, bool]] = field(default_factory=list)
     """Per block, IA3's default scaling vectors as the trainer resolves them: (length, scales the input)."""
     block_norm_params: int = 0
@@ -175,6 +181,8 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
         for n, m in block.named_modules()
         if isinstance(m, nn.Linear)
     ]
+    block_inputs, input_reader = _trace_block_inputs(model, block, linears)
+    attention_path, attention_output = _attention_linears(block, int(cfg.hidden_size))
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // heads)
     return Architecture(
@@ -202,23 +210,27 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
         gated_mlp=any(s.name.endswith("gate_proj") for s in linears),
         block_linears=linears,
-        block_input_linears=_block_input_linears(model, block, linears),
-        attention_path=_attention_path(block, int(cfg.hidden_size)),
+        block_input_linears=block_inputs,
+        attention_path=attention_path,
+        attention_output=attention_output,
+        input_reader=input_reader,
         ia3_vectors=ia3_vectors,
         block_norm_params=sum(p.numel() for m in block.modules() if _is_norm(m) for p in m.parameters(False)),
         tensors=tensors,
     )
 
 
-def _block_input_linears(model: nn.Module, block: nn.Module, linears: List[LinearShape]) -> List[str]:
+def _trace_block_inputs(model: nn.Module, block: nn.Module,
+                        linears: List[LinearShape]) -> Tuple[List[str], Dict[str, str]]:
     """Traced, not named: one forward of 4 tokens (on the meta device for a planned model: no memory,
-    no arithmetic) with every weight frozen except block 0's linears; a linear whose input needs no
-    gradient reads the block input.
-    Where a model will not run that forward (an unusual signature), the attention's linears other
-    than its output projection, from the block's structure."""
+    no arithmetic) with every weight frozen except block 0's linears. A linear whose input needs no
+    gradient reads the block input; linears handed the same tensor object share their input.
+    Where a model will not run that forward (an unusual signature): the attention's linears other
+    than its output projection, from the block's structure, and no shared inputs."""
     flags: Dict[str, bool] = {}
+    inputs: Dict[str, torch.Tensor] = {}
     frozen = {p: p.requires_grad for p in model.parameters()}
-    training = model.training
+    training, use_cache = model.training, getattr(model.config, "use_cache", None)
     hooks = []
     try:
         for p in model.parameters():
@@ -230,33 +242,47 @@ def _block_input_linears(model: nn.Module, block: nn.Module, linears: List[Linea
                 def record(mod, args, name=name):
                     if args and isinstance(args[0], torch.Tensor):
                         flags.setdefault(name, args[0].requires_grad)
+                        inputs.setdefault(name, args[0])  # held, so that no other tensor reuses its id
 
                 hooks.append(module.register_forward_pre_hook(record))
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):
+            # with a cache, transformers skips its packed-sequence search, which reads a value (.item())
+            # that a meta tensor does not have; a decoder built for training often has use_cache off
+            if not is_encoder(model.config):
+                model.config.use_cache = True
             model.eval()(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device))
     except Exception:  # noqa: BLE001  the structural answer below is the fallback, for any failure
         flags = {}
     finally:
         model.train(training)
+        if use_cache is None:
+            vars(model.config).pop("use_cache", None)
+        else:
+            model.config.use_cache = use_cache
         for h in hooks:
             h.remove()
         for p, wanted in frozen.items():
             p.requires_grad_(wanted)
     if flags and len(flags) == len(linears):
-        return [s.name for s in linears if not flags[s.name]]
-    try:
-        attention, attention_out, _, _ = split_block(block, int(model.config.hidden_size))
-    except ConfigError:
-        return []
-    return [s.name for s in linears if s.name.startswith(attention + ".") and s.name != attention_out]
+        reader: Dict[str, str] = {}
+        for s in linears:
+            reader[s.name] = next((n for n in reader if inputs[n] is inputs[s.name]), s.name)
+        return [s.name for s in linears if not flags[s.name]], reader
+    alone = {s.name: s.name for s in linears}
+    attention, attention_out = _attention_linears(block, int(model.config.hidden_size))
+    if not attention:
+        return [], alone
+    return [s.name for s in linears if s.name.startswith(attention + ".") and s.name != attention_out], alone
 
 
-def _attention_path(block: nn.Module, hidden_size: int) -> str:
+def _attention_linears(block: nn.Module, hidden_size: int) -> Tuple[str, str]:
+    """(the attention module, its output projection) inside ``block``, both relative to it."""
     try:
-        return split_block(block, hidden_size)[0]
+        attention, attention_out, _, _ = split_block(block, hidden_size)
     except ConfigError:  # a block the structural search cannot split: no attention-specific counts
-        return ""
+        return "", ""
+    return attention, attention_out
 
 
 def _ia3_vectors(model: nn.Module, block: nn.Module) -> List[Tuple[int, bool]]:

@@ -78,8 +78,6 @@ NF4_BLOCK = 64
 DQ_BLOCK = 256
 DQ_CODE_BYTES = 256 * 4
 DQ_OFFSET_BYTES = 4
-_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                 "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 
 
 @functools.cache
@@ -287,9 +285,11 @@ def _layer_saved_bytes(arch: Architecture, s: PlanSettings, b: int, L: int) -> i
         if dropout:
             total += sum((2 + s.dropout_mask_bytes) * T * t.in_features for t in targets)
         else:
-            inputs = {_SHARED_INPUT.get(t.name.rsplit(".", 1)[-1], t.name): t.in_features for t in targets}
+            # one saved input per tensor read (q/k/v share theirs); with a fused attention kernel the output
+            # projection reads the attention's output, which that kernel keeps for its own backward
+            inputs = {arch.input_reader.get(t.name, t.name): t.in_features for t in targets}
             if s.attention != "eager":
-                inputs.pop("self_attn.o_proj", None)
+                inputs.pop(arch.input_reader.get(arch.attention_output, arch.attention_output), None)
             total += sum(2 * T * width for width in inputs.values())
         total += 2 * T * r * len(targets)
     elif m == "ia3":
