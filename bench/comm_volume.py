@@ -212,4 +212,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtpeft.launch.rank_exit import end_rank_process, leave_process_group
+
+    status = main()
+    leave_process_group()
+    end_rank_process(status)  # no teardown abort after the results are written (launch.rank_exit)

@@ -11,6 +11,7 @@ from pathlib import Path
 from mtpeft.command_parser import CommandParser, port_number, whole_number
 from mtpeft.errors import ConfigError, DataError, UserError, WriteError
 from mtpeft.failed_writes import FREE_SPACE, reason
+from mtpeft.launch.rank_exit import end_rank_process
 from mtpeft.shipped_files import run_config
 from mtpeft.trainer.faults import Preemption, RunAborted
 
@@ -26,22 +27,8 @@ def _cmd_train(args) -> int:
         check_run_folder(Path(cfg.output.dir), f"{cfg.source}: output.dir", args.force)
     train(cfg, leave_group=True)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        _end_rank_process()
+        end_rank_process()  # the run has left the process group (leave_group)
     return 0
-
-
-def _end_rank_process() -> None:
-    """A rank of a finished multi-rank run ends here, status 0, without the interpreter's teardown.
-
-    Everything the run writes is closed by now (log, TensorBoard, checkpoints, export, metrics) and
-    the rank has left the process group after a barrier. What remains are C++ threads of the
-    communication backends (gloo's transport, DeepSpeed's shared-memory op), whose static
-    destructors can still abort a finished rank ("terminate called without an active exception",
-    status -6) when they run while a peer is exiting: seen about once per full test suite on a
-    loaded 2-core machine. ``os._exit`` skips them, after flushing what Python still buffers."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def check_run_folder(run_dir: Path, option: str, force: bool) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from mtpeft.command_parser import CommandParser, number, whole_number
 from mtpeft.errors import UserError
+from mtpeft.launch.rank_exit import end_rank_process, leave_process_group
 from mtpeft.output_folder import check_folder_is_ours, check_output_folder
 from mtpeft.profile import measure, report
 from mtpeft.profile.run_flops import step_flops_of_run
@@ -313,10 +314,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        status = run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    if status == 0 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # a rank, every report written
+        leave_process_group()
+        end_rank_process()
+    return status
 
 
 if __name__ == "__main__":

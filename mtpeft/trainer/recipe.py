@@ -23,6 +23,7 @@ from mtpeft.failed_writes import writing
 from mtpeft.launch.extension_lock import check_extension_locks
 from mtpeft.kernels.backend import kernel_mode
 from mtpeft.launch.nvme import fill_nvme_paths
+from mtpeft.launch.rank_exit import leave_process_group
 from mtpeft.trainer import checkpoint
 from mtpeft.trainer.build import build_model, load_tokenizer
 from mtpeft.trainer.ds_config import build_ds_config
@@ -239,12 +240,9 @@ class Recipe:
         return self.run_dir
 
     def finish(self) -> None:
-        """Every rank waits for the others, then leaves the process group: a rank that exits while a
-        peer still holds gloo connections to it can abort in gloo's teardown ("terminate called
-        without an active exception") after the run's work is done."""
-        if self.ctx.world > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        """Every rank waits for the others, then leaves the process group (``launch.rank_exit``)."""
+        if self.ctx.world > 1:
+            leave_process_group()
 
 
 def train(cfg: RunConfig, hooks: Sequence[Hooks] = (), leave_group: bool = False) -> Path:

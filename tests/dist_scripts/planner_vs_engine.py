@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from mtpeft.launch.rank_exit import end_rank_process, leave_process_group
+
 
 def main(config: str, out_dir: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -58,3 +60,5 @@ if __name__ == "__main__":
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     main(args.config, args.out_dir)
+    leave_process_group()
+    end_rank_process()  # no teardown abort after the results are written (launch.rank_exit)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mtpeft.launch.rank_exit import end_rank_process, leave_process_group
 from mtpeft.quant import QuantLinear, quantize_model
 
 
@@ -84,3 +85,5 @@ if __name__ == "__main__":
     parser.add_argument("out_dir")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     main(parser.parse_args().out_dir)
+    leave_process_group()
+    end_rank_process()  # no teardown abort after the results are written (launch.rank_exit)

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from mtpeft.launch.rank_exit import end_rank_process, leave_process_group
+
 MICRO_BATCH = 1
 
 
@@ -122,3 +124,5 @@ if __name__ == "__main__":
         reference(args.ckpt, args.out)
     else:
         zero3(args.ckpt, args.out, args.broken)
+    leave_process_group()
+    end_rank_process()  # no teardown abort after the results are written (launch.rank_exit)

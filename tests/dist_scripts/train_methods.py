@@ -20,6 +20,7 @@ from mtpeft.trainer.loop import prepare_tasks
 from mtpeft.trainer.recipe import Hooks, train
 from mtpeft.config import load_config
 from mtpeft.data.dist import DistContext
+from mtpeft.launch.rank_exit import end_rank_process, leave_process_group
 from mtpeft.tuners.gather import gathered
 
 LR = {"prompt": 0.1, "prefix": 0.1, "ia3": 0.05}  # the studies use larger rates for these methods
@@ -86,3 +87,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()
+    end_rank_process()  # no teardown abort after the results are written (launch.rank_exit)

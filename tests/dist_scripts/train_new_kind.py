@@ -11,8 +11,10 @@ from focal_kind import FocalClassify  # noqa: E402
 from mtpeft.config import load_config  # noqa: E402
 from mtpeft.tasks.kinds import KINDS  # noqa: E402
 from mtpeft.trainer.recipe import train  # noqa: E402
+from mtpeft.launch.rank_exit import end_rank_process  # noqa: E402
 
 KINDS[FocalClassify.name] = FocalClassify  # the one registry line
 
 if __name__ == "__main__":
     train(load_config(sys.argv[-1]), leave_group=True)  # the launcher puts --local_rank=N first
+    end_rank_process()  # no teardown abort after the run (launch.rank_exit)
