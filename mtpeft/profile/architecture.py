@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 from torch import nn
 
+from mtpeft.conv1d import as_linear
 from mtpeft.errors import ConfigError, UserError
 from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
-from mtpeft.tuners.family import T5_TYPES, is_encoder
+from mtpeft.tuners.family import T5_TYPES, is_encoder, key_value_heads
 from mtpeft.tuners.structure import block_list, split_block
 
 ARCHS_DIR = Path(__file__).resolve().parent / "archs"  # the shipped architectures: one file per name
@@ -126,10 +127,13 @@ def build_meta_model(config_dict: Dict[str, Any], source: str = "config") -> nn.
         config = AutoConfig.for_model(**data)
         with torch.device("meta"):
             if not is_encoder(config):
-                return AutoModelForCausalLM.from_config(config)
-            return T5EncoderModel(config) if config.model_type in T5_TYPES else AutoModel.from_config(config)
+                model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = T5EncoderModel(config) if config.model_type in T5_TYPES else AutoModel.from_config(config)
     except MODEL_LOAD_ERRORS as exc:
         raise UserError(f"{source}: transformers cannot build a decoder LM or an encoder from it ({one_line(exc)})") from None
+    as_linear(model)  # GPT-2's Conv1D layers, as the trainer holds them
+    return model
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -203,8 +207,7 @@ def count_architecture(model: nn.Module, name: str = "model") -> Architecture:
                               or getattr(cfg, "d_ff", None)  # T5
                               or 4 * cfg.hidden_size),  # GPT-style configs (CodeGen): n_inner, None = 4h
         num_heads=heads,
-        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None)
-                         or (1 if getattr(cfg, "multi_query", False) else heads)),  # GPT-BigCode: one kv head
+        num_kv_heads=key_value_heads(cfg),
         head_dim=head_dim,
         vocab_size=int(cfg.vocab_size),
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Union
 
+from mtpeft.conv1d import as_linear
 from mtpeft.profile.architecture import Architecture, count_architecture, load_architecture
 
 _ROLES_BY_COUNT = {1: ("qkv",), 2: ("q", "kv"), 3: ("q", "k", "v")}  # a fused qkv; q beside a fused kv; apart
@@ -54,7 +55,9 @@ def _as_architecture(config: Any) -> Architecture:
     if not isinstance(config, PretrainedConfig):
         raise TypeError(f"step_flops: expected a name, config dict, PretrainedConfig or Architecture, got {type(config)}")
     with torch.device("meta"):
-        return count_architecture(AutoModelForCausalLM.from_config(config), getattr(config, "model_type", "model"))
+        model = AutoModelForCausalLM.from_config(config)
+    as_linear(model)  # GPT-2's Conv1D layers, as the trainer holds them
+    return count_architecture(model, getattr(config, "model_type", "model"))
 
 
 def step_flops(config: Union[str, Dict[str, Any], Any], seq: int, micro_batch: int, peft: str = "lora",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpeft.conv1d import as_linear
 from mtpeft.quant.bnb_interop import from_bnb_state_dict, from_params4bit
 from mtpeft.quant.nf4 import quantize_nf4
 from mtpeft.quant.nf4_format import NF4Weight
@@ -192,12 +193,14 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
 
 def quantize_model(model: nn.Module, skip: Iterable[str] = ("lm_head",), double_quant: bool = True,
                    blocksize: int = 64) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` by a QuantLinear, in place, except names in ``skip``.
+    """Replace every ``nn.Linear`` in ``model`` by a QuantLinear, in place, except names in ``skip``;
+    GPT-2-style ``Conv1D`` layers are turned into ``nn.Linear`` first (``mtpeft.conv1d``).
 
     A skip entry matches a module's full dotted name or its last components (``"lm_head"`` matches
     ``"lm_head"`` and ``"model.lm_head"``).
     """
     skip = tuple(skip)
+    as_linear(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(name, skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")

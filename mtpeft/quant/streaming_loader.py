@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from mtpeft.conv1d import as_linear, from_checkpoint
 from mtpeft.errors import CheckpointError, UserError
 from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.quant.bnb_interop import QUANT_STATE_KEY, from_bnb_state_dict
@@ -197,20 +198,25 @@ def _checked(ckpt: ShardedCheckpoint, key: str, tensor: torch.Tensor, shape: tor
 
 
 def _quant_linear(ckpt: ShardedCheckpoint, name: str, meta: nn.Linear, dtype: torch.dtype,
-                  double_quant: bool, blocksize: int, device: Union[str, torch.device]) -> QuantLinear:
+                  double_quant: bool, blocksize: int, device: Union[str, torch.device],
+                  transposed: bool = False) -> QuantLinear:
     wkey = f"{name}.weight"
     bias = None
     if meta.bias is not None:
         bkey = f"{name}.bias"
         bias = _checked(ckpt, bkey, ckpt.read([bkey])[bkey], meta.bias.shape).to(dtype)
     if f"{wkey}.{QUANT_STATE_KEY}" in ckpt:  # already quantized by bitsandbytes: take the bytes as they are
+        if transposed:
+            raise CheckpointError(f"{ckpt.where(wkey)}: '{wkey}' is a 4-bit Conv1D weight (stored transposed); load "
+                                  f"the bf16 checkpoint instead and let mtpeft quantize it")
         keys = [wkey] + ckpt.keys_with_prefix(wkey + ".")
         q = from_bnb_state_dict(ckpt.read(keys), wkey, source=str(ckpt.where(wkey)))
         if tuple(q.shape) != tuple(meta.weight.shape):
             raise CheckpointError(f"{ckpt.where(wkey)}: '{wkey}' is a 4-bit weight of shape {tuple(q.shape)} but the "
                                   f"model config gives {tuple(meta.weight.shape)}")
         return QuantLinear.from_nf4(q, bias)
-    weight = _checked(ckpt, wkey, ckpt.read([wkey])[wkey], meta.weight.shape).to(dtype)
+    weight = ckpt.read([wkey])[wkey]
+    weight = _checked(ckpt, wkey, from_checkpoint(weight) if transposed else weight, meta.weight.shape).to(dtype)
     q = quantize_nf4(weight.to(device), blocksize, double_quant)
     del weight
     return QuantLinear.from_nf4(q, bias).to("cpu")
@@ -314,6 +320,7 @@ def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict
     path = Path(path_or_dir)
     ckpt = ranks.agree(lambda: ShardedCheckpoint(path), lambda c: None, lambda _: None)
     model = build_skeleton(ckpt.folder if ckpt is not None else _config_folder(path), dtype, model_class)
+    transposed = set(as_linear(model))  # GPT-2's Conv1D: nn.Linear here, its weight turned on read
     if ckpt is not None:
         ckpt.align_to([n for n, _ in model.named_parameters()], getattr(model, "base_model_prefix", ""))
     partition = _partitioner(zero3)
@@ -327,9 +334,10 @@ def load_quantized_backbone(path_or_dir: Union[str, Path], ds_config: Union[dict
         needed = [(p_name, p) for p_name, p in own if id(p) not in loaded]
 
         def read(name=name, module=module, needed=needed):
+            turned = name in transposed
             if isinstance(module, nn.Linear) and (not is_skipped(name, skip) or _stored_4bit(ckpt, name)):
-                return _quant_linear(ckpt, name, module, dtype, double_quant, blocksize, quantize_device)
-            return _read_params(ckpt, name, needed, dtype)
+                return _quant_linear(ckpt, name, module, dtype, double_quant, blocksize, quantize_device, turned)
+            return _read_params(ckpt, name, needed, dtype, turned)
 
         def empty(layout, needed=needed):
             if layout is not None:
@@ -357,8 +365,11 @@ def _config_folder(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _read_params(ckpt: ShardedCheckpoint, name: str, needed: list, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_params(ckpt: ShardedCheckpoint, name: str, needed: list, dtype: torch.dtype,
+                 transposed: bool = False) -> dict[str, torch.Tensor]:
     tensors = ckpt.read([f"{name}.{p_name}" for p_name, _ in needed])
+    if transposed and f"{name}.weight" in tensors:
+        tensors[f"{name}.weight"] = from_checkpoint(tensors[f"{name}.weight"])
     return {p_name: _checked(ckpt, f"{name}.{p_name}", tensors[f"{name}.{p_name}"], p.shape).to(dtype)
             for p_name, p in needed}
 

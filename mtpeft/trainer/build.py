@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from mtpeft.config import RunConfig
+from mtpeft.conv1d import as_linear, may_hold_conv1d
 from mtpeft.errors import ConfigError
 from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.tasks.kinds import KINDS
@@ -50,12 +51,16 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
         raise ConfigError(f"model.name_or_path: {path!r} is not a local folder and HF_HUB_OFFLINE=1")
     dtype = DTYPES[cfg.model.dtype]
     keep_alive = None
-    if ds_config is not None and cfg.model.quant == "none":
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except MODEL_LOAD_ERRORS as exc:
+        raise ConfigError(f"model.name_or_path: cannot load {path!r} ({one_line(exc)})") from None
+    # a Conv1D model (GPT-2) loads whole and is partitioned by the engine: its weights are turned first
+    if ds_config is not None and cfg.model.quant == "none" and not may_hold_conv1d(_model_class(config)):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must be alive during from_pretrained)
     try:
-        config = AutoConfig.from_pretrained(path)
         _check_kinds(cfg, config)
         make_tuner(cfg.peft, []).check(config, cfg.model.gradient_checkpointing, cfg.train.max_seq_len)
         if cfg.model.quant == "nf4" and Path(path).is_dir():
@@ -85,6 +90,18 @@ def _auto_class(config):
     return AutoModel
 
 
+def _model_class(config):
+    """The concrete class ``_auto_class(config)`` builds (None where the auto class has no entry)."""
+    auto = _auto_class(config)
+    mapping = getattr(auto, "_model_mapping", None)
+    if mapping is None:
+        return auto
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        return None
+
+
 def _check_kinds(cfg: RunConfig, config) -> None:
     if is_encoder(config):
         for i, t in enumerate(cfg.tasks):
@@ -106,6 +123,7 @@ def build_model(cfg: RunConfig, ds_config: dict | None = None) -> MultitaskModel
 
 def assemble(backbone, cfg: RunConfig, ds_config: dict | None = None) -> MultitaskModel:
     """Freeze ``backbone``, inject the tuner of ``cfg.peft`` and add the task heads."""
+    as_linear(backbone)  # GPT-2's Conv1D layers (4-bit ones were turned when quantized)
     backbone.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

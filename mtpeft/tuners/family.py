@@ -2,8 +2,8 @@
 
 Users name target projections the Llama way (``q_proj`` … ``down_proj``). A RoBERTa-style encoder
 (UniXcoder) calls them ``query`` … ``output.dense``, a T5 encoder (CodeT5+) ``q`` … ``wo``, CodeGen
-``qkv_proj`` (one fused projection for q, k and v) … ``fc_out``, GPT-BigCode (StarCoder) ``c_attn``
-(fused) … ``mlp.c_proj`` and StarCoder2 ``q_proj`` … ``mlp.c_proj``; a name that matches nothing
+``qkv_proj`` (one fused projection for q, k and v) … ``fc_out``, GPT-BigCode (StarCoder) and GPT-2
+``c_attn`` (fused) … ``mlp.c_proj`` and StarCoder2 ``q_proj`` … ``mlp.c_proj``; a name that matches nothing
 literally is looked up here, so one config (and the defaults) works on every family. ``all-linear``
 names every linear layer of the stack except the LM head; it is what the defaults become on an
 architecture whose projections the Llama names do not reach (``default_or_all_linear``).
@@ -42,7 +42,8 @@ _BIGCODE_ROLES = {  # multi-query attention: q, k and v in one c_attn; c_proj na
 _STARCODER2_ROLES = {"up_proj": r".*mlp\.c_fc", "down_proj": r".*mlp\.c_proj"}  # attention names are Llama's
 ROLE_ALIASES = {"roberta": _BERT_ROLES, "bert": _BERT_ROLES, "xlm-roberta": _BERT_ROLES, "camembert": _BERT_ROLES,
                 "electra": _BERT_ROLES, "t5": _T5_ROLES, "mt5": _T5_ROLES, "umt5": _T5_ROLES,
-                "codegen": _CODEGEN_ROLES, "gpt_bigcode": _BIGCODE_ROLES, "starcoder2": _STARCODER2_ROLES}
+                "codegen": _CODEGEN_ROLES, "gpt_bigcode": _BIGCODE_ROLES, "starcoder2": _STARCODER2_ROLES,
+                "gpt2": _BIGCODE_ROLES, "openai-gpt": _BIGCODE_ROLES}  # GPT-2 (CodeParrot): the same names
 ALL_LINEAR = "all-linear"
 LLAMA_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # gate_proj: gated MLPs only
 
@@ -53,6 +54,23 @@ def model_type(model: nn.Module) -> str:
 def is_encoder(config) -> bool:
     """Encoder-only backbones are loaded with ``AutoModel`` (no LM head) and cannot generate."""
     return getattr(config, "model_type", "") in ENCODER_TYPES
+
+
+def key_value_heads(config) -> int:
+    """Key/value heads per attention layer as the attention keeps them (its cache layout, which a
+    prefix joins), in each config convention: ``num_key_value_heads`` (Llama, Mistral, Qwen2,
+    StarCoder2; GPT-BigCode sets it from ``multi_query``); Falcon: one with ``multi_query``, every
+    head with ``new_decoder_architecture`` (it broadcasts its ``num_kv_heads`` before caching), else
+    ``num_kv_heads``; other configs with ``multi_query``: one; else every head."""
+    heads = int(config.num_attention_heads)
+    if getattr(config, "model_type", "") == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            return heads
+        return 1 if getattr(config, "multi_query", False) else int(getattr(config, "num_kv_heads", None) or heads)
+    explicit = getattr(config, "num_key_value_heads", None)
+    if explicit:
+        return int(explicit)
+    return 1 if getattr(config, "multi_query", False) else heads
 
 
 def _name_matches(name: str, target: str) -> bool:

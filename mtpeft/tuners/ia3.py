@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from mtpeft.conv1d import may_hold_conv1d
 from mtpeft.errors import ConfigError
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
@@ -97,4 +98,5 @@ class IA3Tuner(Tuner):
         from peft import IA3Config
 
         return IA3Config(target_modules=self.peft_targets, feedforward_modules=self.peft_feedforward,
-                         task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path)
+                         task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path,
+                         fan_in_fan_out=may_hold_conv1d(type(model.backbone)))  # GPT-2: its base holds Conv1D

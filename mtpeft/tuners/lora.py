@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtpeft.conv1d import may_hold_conv1d
 from mtpeft.errors import ConfigError
 from mtpeft.quant.linear import QuantLinear
 from mtpeft.tuners.base import Tuner, WrappedLinear, peft_task_type
@@ -136,4 +137,5 @@ class LoraTuner(Tuner):
 
         s = self.settings
         return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=self.peft_targets,
-                          bias="none", task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path)
+                          bias="none", task_type=peft_task_type(model), base_model_name_or_path=base_model_name_or_path,
+                          fan_in_fan_out=may_hold_conv1d(type(model.backbone)))  # GPT-2: its base holds Conv1D

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mtpeft.errors import ConfigError
 from mtpeft.tuners.base import InputModule, Tuner, check_virtual_positions, peft_task_type
-from mtpeft.tuners.family import T5_TYPES, replace_module
+from mtpeft.tuners.family import T5_TYPES, key_value_heads, replace_module
 from mtpeft.tuners.structure import find_blocks
 from mtpeft.tuners.prompt import decoder_positions
 from mtpeft.tuners.settings import MethodSettings, positive
@@ -48,7 +48,7 @@ class PrefixSettings(MethodSettings):
 def kv_layout(cfg) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of a decoder, BERT-style or T5 config."""
     heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_heads = key_value_heads(cfg)
     head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, kv_heads, head_dim
 

@@ -92,8 +92,14 @@ def split_block(block: nn.Module, h: int, where: str = "") -> tuple[str, str, Op
     ffn_out, down = max(back, key=lambda item: item[1].in_features)
     wide = down.in_features
     if sum(m.in_features == wide for _, m in back) > 1:
-        raise ConfigError(f"{where or 'block'}: the attention and feed-forward outputs have the same input width "
-                          f"({wide}); name the blocks in family.FFN_BLOCKS")
+        # no linear wider than the rest comes back to h: the feed-forward is not made of nn.Linear layers
+        # (a mixture of experts keeps its experts' weights in 3-D tensors), or it is as narrow as the attention
+        raise ConfigError(f"{where or 'block'}: no feed-forward made of linear layers found (its linears: "
+                          f"{', '.join(n for n, _ in linears)}; every one back to the width {h} reads width {wide}); "
+                          f"a mixture-of-experts block keeps its experts outside nn.Linear. Serial and parallel "
+                          f"adapters and IA3's default targets need one: use lora, mtl_lora, prompt or prefix, or "
+                          f"ia3 with peft.ia3_target_modules and peft.ia3_feedforward_modules: [] naming attention "
+                          f"projections")
     ups = [n for n, m in linears if n != ffn_out and m.in_features == h and m.out_features in (wide, 2 * wide)]
     beside = [n for n in ups if n.rpartition(".")[0] == ffn_out.rpartition(".")[0]]
     ups = beside or ups  # a fused qkv can have the intermediate width too; the up projections sit by the down

@@ -1,5 +1,6 @@
 """Every backbone family of the studies trains out of the box: a tiny random model of each (Llama,
-Mistral, Qwen2, StarCoder2, CodeGen, GPT-BigCode, RoBERTa, T5 encoder) takes 3 optimizer steps
+Mistral, Qwen2, StarCoder2, CodeGen, GPT-BigCode, RoBERTa, T5 encoder; GPT-2 and Falcon beyond the
+studies) takes 3 optimizer steps
 with every method that applies to it, with a bf16 base and with a 4-bit NF4 base, default
 targets, in this process. Each run must keep the loss finite, move every tuner tensor and leave
 the frozen base as it was; the loss after the steps must be below the first one (a fixed batch).
@@ -15,7 +16,8 @@ from mtpeft.config import PeftConfig, RunConfig, TaskConfig
 from mtpeft.trainer.build import assemble
 from mtpeft.tuners.registry import METHODS
 
-FAMILIES = ["llama", "mistral", "qwen2", "starcoder2", "codegen", "gpt_bigcode", "roberta", "t5"]
+FAMILIES = ["llama", "mistral", "qwen2", "starcoder2", "codegen", "gpt_bigcode", "roberta", "t5",
+            "gpt2", "falcon"]  # two beyond the studies: GPT-2's Conv1D layers, Falcon's one-head key/value cache
 ENCODERS = ("roberta", "t5")
 
 

@@ -17,6 +17,8 @@ EXPECTED = {
     "starcoder2": ("model.layers.0", "self_attn", "self_attn.o_proj", "mlp", "mlp.c_proj"),
     "codegen": ("transformer.h.0", "attn", "attn.out_proj", "mlp", "mlp.fc_out"),
     "gpt_bigcode": ("transformer.h.0", "attn", "attn.c_proj", "mlp", "mlp.c_proj"),
+    "gpt2": ("transformer.h.0", "attn", "attn.c_proj", "mlp", "mlp.c_proj"),  # Conv1D, turned into nn.Linear
+    "falcon": ("transformer.h.0", "self_attention", "self_attention.dense", "mlp", "mlp.dense_4h_to_h"),
     "roberta": ("encoder.layer.0", "attention", "attention.output.dense", None, "output.dense"),
     "t5": ("encoder.block.0", "layer.0.SelfAttention", "layer.0.SelfAttention.o", "layer.1.DenseReluDense",
            "layer.1.DenseReluDense.wo"),
@@ -36,7 +38,10 @@ def _check(model, family: str, layers: int) -> None:
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_tiny_model_of_every_family(family, quant):
+    from mtpeft.conv1d import as_linear
+
     model = tiny_backbone(family)
+    as_linear(model)  # as the trainer builds it (GPT-2)
     if quant == "nf4":
         from mtpeft.quant.linear import quantize_model
 
@@ -87,3 +92,30 @@ def test_parallel_adapter_places_are_the_feed_forwards_or_the_table():
 def test_a_model_without_blocks_is_named():
     with pytest.raises(ConfigError, match="no list of transformer blocks"):
         find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_a_mixture_of_experts_block_says_which_methods_apply():
+    """Mixtral keeps its experts in 3-D tensors: no linear feed-forward. The adapters are refused in one
+    line that names what works; LoRA on the default targets and IA3 on named attention targets train."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from mtpeft.config import PeftConfig, RunConfig, TaskConfig
+    from mtpeft.trainer.build import assemble
+
+    def backbone():
+        torch.manual_seed(0)
+        return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                                num_local_experts=2)).eval()
+
+    def cfg(**peft):
+        return RunConfig(peft=PeftConfig(**peft), tasks=[TaskConfig(name="defect", kind="classify")])
+
+    with pytest.raises(ConfigError, match="no feed-forward made of linear layers.*mixture-of-experts.*use lora"):
+        assemble(backbone(), cfg(method="serial_adapter"))
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        assemble(backbone(), cfg(method="ia3"))
+    for peft in ({"method": "lora"}, {"method": "ia3", "ia3_target_modules": ["k_proj", "v_proj"],
+                                      "ia3_feedforward_modules": []}):
+        model = assemble(backbone(), cfg(**peft))
+        assert any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("heads."))

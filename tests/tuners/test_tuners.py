@@ -17,7 +17,7 @@ from mtpeft.tasks.heads import mean_pool
 from mtpeft.trainer.build import assemble
 from mtpeft.tuners.registry import METHODS
 
-FAMILIES = ["llama", "qwen2", "mistral", "codegen", "gpt_bigcode", "starcoder2", "roberta", "t5"]
+FAMILIES = ["llama", "qwen2", "mistral", "codegen", "gpt_bigcode", "starcoder2", "roberta", "t5", "gpt2", "falcon"]
 IDENTITY_AT_INIT = {"lora", "serial_adapter", "parallel_adapter", "ia3", "mtl_lora"}
 
 
@@ -44,8 +44,10 @@ def test_method_on_family(family, method):
     ids, mask = _batch(backbone.config.vocab_size)
     with torch.no_grad():
         before = mean_pool(backbone.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-    frozen = {id(p) for p in backbone.parameters()}
+    base = {id(p): p for p in backbone.parameters()}  # held: a freed id could come back as a tuner's
     model = assemble(backbone, _cfg(method)).eval()
+    # the base after assembly (GPT-2's Conv1D weights are turned into new linear weights there)
+    frozen = {id(p): p for p in backbone.parameters() if not p.requires_grad} | base
     tuner = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
     assert tuner and all(id(p) not in frozen for _, p in tuner)
     model.set_task("defect")
@@ -273,7 +275,7 @@ def test_lora_dropout_on_a_4bit_base_runs_fused_and_matches_float64():
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
 
 
-DECODERS = ["llama", "qwen2", "mistral", "codegen", "gpt_bigcode", "starcoder2"]
+DECODERS = ["llama", "qwen2", "mistral", "codegen", "gpt_bigcode", "starcoder2", "gpt2", "falcon"]
 
 
 @pytest.mark.parametrize("family", DECODERS)
@@ -309,6 +311,7 @@ def test_default_target_exports_of_every_decoder_family_reload_in_hf_peft(tmp_pa
 EXPECTED_LORA_TARGETS = {
     "codegen": {"attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"},
     "gpt_bigcode": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},  # Conv1D in transformers, nn.Linear here
     "starcoder2": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc",
                    "mlp.c_proj"},
     "mistral": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -318,9 +321,11 @@ EXPECTED_LORA_TARGETS = {
 
 @pytest.mark.parametrize("family", list(EXPECTED_LORA_TARGETS))
 def test_default_targets_resolve_to_every_attention_and_mlp_projection(family):
+    from mtpeft.conv1d import as_linear
     from mtpeft.tuners.family import find_linears
 
     backbone = tiny_backbone(family)
+    as_linear(backbone)  # as assemble does (GPT-2's Conv1D layers)
     chosen = find_linears(backbone, PeftConfig().target_modules, "peft.target_modules")
     layer0 = {n.split(".0.", 1)[1] for n in chosen if ".0." in n}
     assert layer0 == EXPECTED_LORA_TARGETS[family]
