@@ -130,6 +130,24 @@ def test_virtual_tokens_and_input_overrun_a_learned_position_table():
         check_virtual_positions(roberta, 21, 492)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode"])
+def test_an_input_longer_than_a_learned_position_table(tmp_path, capsys, family):
+    """Every method, not only the prompt ones: a 64-position table and train.max_seq_len 100 would
+    index past the table at the first long example; named before the model loads."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(REPO / "mtpeft/assets/demo/base_model"))
+    config = {"gpt2": tf.GPT2Config, "gpt_bigcode": tf.GPTBigCodeConfig}[family](
+        n_embd=32, n_layer=1, n_head=4, vocab_size=len(tok), n_positions=64)
+    folder = tmp_path / "model"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    capsys.readouterr()  # the save's progress bar
+    line = _one_error(capsys, "train", str(_config(tmp_path)), "--set", f"model.name_or_path={folder}",
+                      "--set", "train.max_seq_len=100")
+    assert f"train.max_seq_len (100) exceeds the 64 positions of this {family} model" in line
+
+
 def test_deepspeed_template_not_an_object(tmp_path, capsys):
     (tmp_path / "ds.json").write_text("[1, 2]")
     line = _one_error(capsys, "train", str(_config(tmp_path)), "--set", f"deepspeed.config={tmp_path / 'ds.json'}")
@@ -139,6 +157,12 @@ def test_deepspeed_template_not_an_object(tmp_path, capsys):
 @pytest.mark.parametrize("overrides,expect", [
     ("{zero_optimization: {stage: 7}}", "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ("{zero_optimization: 3}", "zero_optimization must be an object"),
+    # what DeepSpeed's own parser refuses, named by its key (it was blamed on model.name_or_path)
+    ("{zero_optimization: {offload_param: {device: gpu}}}",
+     "zero_optimization.offload_param.device: Input should be 'none', 'cpu' or 'nvme' (got 'gpu')"),
+    ("{zero_optimization: {stage3_prefetch_bucket: 5}}", "zero_optimization.stage3_prefetch_bucket: Extra inputs"),
+    ("{comms_logger: {enabled: maybe}}", "comms_logger.enabled: Input should be a valid boolean"),
+    ("{bf16: {enabled: auto, loss_scale: 3}}", "bf16.loss_scale: Extra inputs are not permitted"),
 ])
 def test_deepspeed_settings(tmp_path, capsys, overrides, expect):
     assert expect in _one_error(capsys, "train", str(_config(tmp_path)), "--set", f"deepspeed.overrides={overrides}")

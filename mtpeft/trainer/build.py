@@ -25,6 +25,7 @@ from mtpeft.model_load_errors import MODEL_LOAD_ERRORS, one_line
 from mtpeft.tasks.kinds import KINDS
 from mtpeft.tuners.keyed_dropout import key_dropouts
 from mtpeft.multitask_model import MultitaskModel
+from mtpeft.tuners.base import check_virtual_positions
 from mtpeft.tuners.family import T5_TYPES, is_encoder
 from mtpeft.tuners.registry import make_tuner
 
@@ -62,6 +63,7 @@ def _load_backbone(cfg: RunConfig, ds_config: dict | None):
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must be alive during from_pretrained)
     try:
         _check_kinds(cfg, config)
+        check_virtual_positions(config, 0, cfg.train.max_seq_len)  # the input alone, whatever the method
         make_tuner(cfg.peft, []).check(config, cfg.model.gradient_checkpointing, cfg.train.max_seq_len)
         if cfg.model.quant == "nf4" and Path(path).is_dir():
             # skeleton on meta, shards streamed and quantized module by module, partitioned at once:

@@ -11,6 +11,8 @@ import copy
 import json
 from pathlib import Path
 
+import torch.distributed as dist
+
 from mtpeft.config import RunConfig
 from mtpeft.errors import ConfigError
 from mtpeft.shipped_files import ds_template, ds_template_names
@@ -63,6 +65,37 @@ def _check_zero(zero, where: str) -> None:
                           f"(mtpeft's templates use 3; zero2 for stage 2)")
 
 
+# DeepSpeed's pydantic section models by the key they parse (a ValidationError names only the model)
+_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+             "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+             "ZenFlowConfig": "zero_optimization.zenflow", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16",
+             "CommsLoggerConfig": "comms_logger", "TensorBoardConfig": "tensorboard", "WandbConfig": "wandb",
+             "CSVConfig": "csv_monitor", "CometConfig": "comet", "HybridEngineConfig": "hybrid_engine",
+             "CompileConfig": "compile", "TPTrainingConfig": "tensor_parallel"}
+
+
+def _check_with_deepspeed(ds: dict, where: str) -> None:
+    """DeepSpeed's own parser, run on the filled config now: a value it refuses (an offload device, a
+    key its section does not have, a flag that is not a boolean) is named here, instead of failing
+    inside model loading or engine setup with a pydantic traceback."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from pydantic import ValidationError
+
+    probe = copy.deepcopy(ds)
+    # DeepSpeed checks the global batch against this process's world size; mtpeft filled it for the run's
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"] * (
+        dist.get_world_size() if dist.is_initialized() else 1)
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        key = ".".join([_SECTIONS.get(exc.title, exc.title)] + [str(part) for part in problem["loc"]])
+        got = f" (got {problem['input']!r})" if "input" in problem and not isinstance(problem["input"], dict) else ""
+        raise ConfigError(f"{where}: {key}: {problem['msg']}{got}; see DeepSpeed's configuration documentation") from None
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{where}: DeepSpeed refuses this config ({str(exc) or type(exc).__name__})") from None
+
+
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     path = template_path(cfg.deepspeed.config, Path(cfg.source).resolve().parent if cfg.source else None)
     try:
@@ -84,4 +117,5 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     _fill(ds, "fp16.enabled", cfg.model.dtype == "float16", where)
     if ds.get("fp16", {}).get("enabled"):
         ds["fp16"].setdefault("initial_scale_power", 16)
+    _check_with_deepspeed(ds, where)
     return ds

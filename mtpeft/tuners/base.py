@@ -100,12 +100,12 @@ class Tuner:
                 **({"resolved": resolved} if resolved else {})}
 
 
-ABSOLUTE_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "gpt_bigcode", "gpt2")
+ABSOLUTE_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "electra", "gpt_bigcode", "gpt2", "openai-gpt")
 
 
 def check_virtual_positions(model_config, virtual: int, max_seq_len: int) -> None:
-    """Prompt and prefix tokens take positions before the input. A learned position table (RoBERTa,
-    GPT-BigCode) must hold them and the longest input together, or training indexes past it; rotary
+    """Prompt and prefix tokens take positions before the input (``virtual``; 0 for the other methods).
+    A learned position table (RoBERTa, GPT-BigCode, GPT-2) must hold them and the longest input together, or training indexes past it; rotary
     positions extend past ``max_position_embeddings`` (outside the trained range), so there only the
     virtual tokens alone must fit."""
     positions = getattr(model_config, "max_position_embeddings", None)
@@ -114,6 +114,9 @@ def check_virtual_positions(model_config, virtual: int, max_seq_len: int) -> Non
     if model_config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after padding_idx
         positions -= (getattr(model_config, "pad_token_id", None) or 1) + 1
     if model_config.model_type in ABSOLUTE_POSITION_TYPES:
+        if not virtual and max_seq_len > positions:
+            raise ConfigError(f"train.max_seq_len ({max_seq_len}) exceeds the {positions} positions of this "
+                              f"{model_config.model_type} model (a learned position table); use at most {positions}")
         if virtual + max_seq_len > positions:
             raise ConfigError(f"peft.num_virtual_tokens ({virtual}) + train.max_seq_len ({max_seq_len}) exceed the "
                               f"{positions} positions of this {model_config.model_type} model; lower one of them")
