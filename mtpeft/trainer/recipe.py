@@ -36,6 +36,7 @@ from mtpeft.trainer.multitask_state import MultitaskState
 from mtpeft.trainer.resolved_targets import record_resolved_targets
 from mtpeft.trainer.resume_guard import check_same_run
 from mtpeft.trainer.run_log import RunLog
+from mtpeft.tuners.registry import unread_settings
 
 
 class Hooks:
@@ -103,6 +104,9 @@ class Recipe:
             dist.barrier()  # nobody logs into the folder before rank 0 has cleared it
         if ctx.is_main:
             record_resolved_targets(self.run_dir / "config.yaml", self.model.tuner, self.model.backbone.config.model_type)
+            for key, readers in unread_settings(cfg.peft).items():
+                print(f"notice: peft.{key} has no effect with peft.method {cfg.peft.method} "
+                      f"(read by {', '.join(readers)})", flush=True)
         self._call("after_model")
         optimizer, scheduler = build_optimizer(self.model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -48,6 +48,19 @@ def method_keys(method: str) -> tuple[str, ...]:
     return tuple(settings_fields(METHODS[method].settings))
 
 
+def unread_settings(peft: Any) -> dict[str, list[str]]:
+    """Keys of the flat ``peft`` section set to another value than their default that ``peft.method``
+    does not read (e.g. ``dropout``, LoRA's, with a serial adapter), each with the methods that do:
+    they change nothing in this run. Not an error: a config may hold them to switch ``peft.method``."""
+    chosen = set(method_keys(peft.method))
+    unread: dict[str, list[str]] = {}
+    for name, method in METHODS.items():
+        for key, (f, _) in settings_fields(method.settings).items():
+            if key not in chosen and getattr(peft, key) != field_default(f):
+                unread.setdefault(key, []).append(name)
+    return unread
+
+
 def peft_section_class() -> type:
     """The flat ``peft:`` section users write: ``method`` and every registered method's keys, each
     with the type and default its settings class gives (a key two methods share must agree). Built

@@ -95,3 +95,19 @@ def test_methods_sharing_a_key_must_agree_on_its_default(monkeypatch):
 
 def test_settings_fields_name_the_yaml_keys():
     assert list(settings_fields(AdapterSettings)) == ["bottleneck", "adapter_activation", "adapter_scaling"]
+
+
+def test_keys_the_chosen_method_does_not_read_are_named_with_their_readers():
+    """LoRA's dropout on a serial adapter changes nothing: a notice names it (not an error: a config may
+    hold every method's keys to switch with --set peft.method=...). Defaults are never named."""
+    from mtpeft.config import load_config
+    from mtpeft.tuners.registry import unread_settings
+
+    def unread(*sets):
+        return unread_settings(load_config("demo", list(sets)).peft)
+
+    assert unread() == {} and unread("peft.method=serial_adapter") == {}  # the demo's LoRA keys are defaults
+    assert unread("peft.method=serial_adapter", "peft.dropout=0.1") == {"dropout": ["lora", "mtl_lora"]}
+    assert unread("peft.method=prefix", "peft.bottleneck=8", "peft.r=4") == {
+        "r": ["lora", "mtl_lora"], "bottleneck": ["serial_adapter", "parallel_adapter"]}
+    assert unread("peft.method=mtl_lora", "peft.r=8", "peft.dropout=0.1") == {}  # MTL-LoRA reads LoRA's keys
