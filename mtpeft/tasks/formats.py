@@ -260,7 +260,7 @@ def iter_json_records(path: str):
             try:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); "
                                 "each line must be one JSON object") from None
         return
     text = "".join(line for _, line in utf8_lines(path))

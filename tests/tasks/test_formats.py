@@ -152,6 +152,7 @@ def test_edited_file_is_not_served_from_cache(tmp_path):
 @pytest.mark.parametrize("fmt,lines,message", [
     ("devign", ['{"func": "a", "target": 0}', '{"func": "b", "target": 1'], r":2: malformed JSON"),
     ("devign", ['{"func": "a", "target": 0}', '{"func": "b"}'], r":2: missing required field 'target' for format devign"),
+    ("devign", ['{"func": "a\x00", "target": 0}'], r":1: malformed JSON \(Invalid control character at column 12\)"),
     ("devign", ['{"func": "a", "target": "yes"}'], r":1: field 'target' must be 0/1 or true/false, got 'yes'"),
     ("devign", ['{"func": {"body": 1}, "target": 0}'], r":1: field 'func' must be a string .*got dict"),
     ("bigclonebench", ['{"func1": "a", "func2": "b", "label": 2}'], r":1: field 'label' must be 0/1"),
