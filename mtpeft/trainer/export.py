@@ -179,7 +179,11 @@ def load_export(model, export_dir: Path) -> None:
     redo = "export the run again (`mtpeft export RUN_DIR --out DIR`) or copy the folder again"
     if manifest.is_file():
         with reading(manifest, redo):
-            peft = json.loads(manifest.read_text()).get("peft", {})
+            content = json.loads(manifest.read_text())
+        peft = content.get("peft", {}) if isinstance(content, dict) else None
+        if not isinstance(peft, dict):
+            raise CheckpointError(f"{manifest}: not the manifest an export writes (a JSON object whose 'peft' is an "
+                                  f"object); {redo}")
         method, order = peft.get("method"), peft.get("task_order")
         if method and method != model.tuner.name:
             raise CheckpointError(f"{manifest}: the export is peft.method {method}, this config builds "

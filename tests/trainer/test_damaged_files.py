@@ -57,6 +57,16 @@ def test_damaged_export_file_is_named(run_dir, tmp_path, name):
         load_export(build_model(cfg), run / "export")
 
 
+@pytest.mark.parametrize("text", ["[]", '{"peft": 3}', '"tasks"'])
+def test_a_manifest_that_parses_but_is_not_one_is_named(run_dir, tmp_path, capsys, text):
+    """Valid JSON of another shape (a list, a scalar, a 'peft' that is not an object) was an
+    AttributeError traceback in `mtpeft eval`."""
+    run = _copy(run_dir, tmp_path)
+    (run / "export" / "tasks.json").write_text(text)
+    code, err = _cli(capsys, "eval", str(run))
+    assert code == 2 and len(err) == 1 and "tasks.json: not the manifest an export writes" in err[0], err
+
+
 def test_eval_of_a_run_with_a_truncated_adapter_is_one_error_line(run_dir, tmp_path, capsys):
     run = _copy(run_dir, tmp_path)
     _truncate(run / "export" / "adapter_model.safetensors", 0.3)
