@@ -14,7 +14,7 @@ import torch
 from mtpeft.config import RunConfig, from_dict
 from mtpeft.errors import CheckpointError
 from mtpeft.trainer.build import build_model
-from mtpeft.trainer.damaged import complete_tags, reading
+from mtpeft.trainer.damaged import complete_tags, pointer_tag, reading
 from mtpeft.trainer.export import load_export
 from mtpeft.yaml_files import YamlFileProblem, read_yaml
 
@@ -35,11 +35,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpt = Path(run_dir) / "checkpoints"
-    latest = ckpt / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (ckpt / tag).is_dir():
-            return ckpt / tag
+    tag = pointer_tag(ckpt)
+    if tag and (ckpt / tag).is_dir():
+        return ckpt / tag
     return None
 
 

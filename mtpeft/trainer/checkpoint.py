@@ -21,9 +21,7 @@ import torch.distributed as dist
 from mtpeft.data.dist import DistContext
 from mtpeft.errors import CheckpointError
 from mtpeft.failed_writes import FREE_SPACE, writing
-from mtpeft.trainer.damaged import complete_tags, reading
-
-POINTER = "latest"
+from mtpeft.trainer.damaged import POINTER, complete_tags, pointer_tag, reading
 
 
 def _barrier(ctx: DistContext) -> None:
@@ -48,9 +46,9 @@ def set_rng_state(state: dict) -> None:
 
 def latest_tag(ckpt_dir: Path) -> str | None:
     pointer = ckpt_dir / POINTER
-    if not pointer.is_file():
+    tag = pointer_tag(ckpt_dir)
+    if tag is None:
         return None
-    tag = pointer.read_text().strip()
     if not tag or not (ckpt_dir / tag / "run_state.pt").is_file():
         raise CheckpointError(f"{pointer}: points at {tag!r}, which is not a complete checkpoint; "
                               f"remove {pointer} to start over or point it at an older tag")
@@ -59,7 +57,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def save(engine, ckpt_dir: Path, step: int, run_state: dict, ctx: DistContext, keep: int) -> str:
     tag = f"step{step}"
-    previous = (ckpt_dir / POINTER).read_text().strip() if (ckpt_dir / POINTER).is_file() else None
+    previous = pointer_tag(ckpt_dir)
     in_charge = (f"{ckpt_dir / POINTER} still points at {previous}, which a rerun resumes from" if previous else
                  "no checkpoint was completed, so a rerun starts over")
     then = f"{in_charge} (the partial {tag} is never read and the next save removes it): {FREE_SPACE} the same command"

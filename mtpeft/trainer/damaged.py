@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mtpeft.errors import CheckpointError
 
+POINTER = "latest"  # checkpoints/latest: the tag of the newest complete checkpoint
+
 try:
     from safetensors import SafetensorError
 except ImportError:  # pragma: no cover - safetensors always ships it
@@ -44,3 +46,12 @@ def complete_tags(ckpt_dir: Path, but: str = "") -> list[str]:
     """Checkpoint tags with a complete run state, newest first, except ``but``: what to fall back to."""
     tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / "run_state.pt").is_file() and p.name != but]
     return sorted(tags, key=lambda t: int("".join(c for c in t if c.isdigit()) or 0), reverse=True)
+
+
+def pointer_tag(ckpt_dir: Path) -> str | None:
+    """The tag ``ckpt_dir/latest`` names (None without the file), read whatever bytes it holds: a
+    damaged pointer gives a tag that names no checkpoint, which its readers then report."""
+    pointer = Path(ckpt_dir) / POINTER
+    if not pointer.is_file():
+        return None
+    return pointer.read_bytes().decode("utf-8", errors="replace").strip()

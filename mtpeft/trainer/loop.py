@@ -132,10 +132,28 @@ def write_partition_report(model, ctx: DistContext, path: Path) -> None:
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps a killed run ran past its last checkpoint (they will run again)."""
+    """Drop log lines of steps a killed run ran past its last checkpoint (they will run again), and
+    lines that cannot be read (cut short by a crash, or the NUL bytes a file system can leave after a
+    power loss), named in one notice: the log is a record, the checkpoint is what resumes."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+    keep, unreadable = [], []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+            step = json.loads(line)["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(step)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            unreadable.append(number)
+            continue
+        if step <= last_step:
+            keep.append(line)
+    if unreadable:
+        print(f"notice: {path}: dropped {len(unreadable)} line(s) that cannot be read (line "
+              f"{', '.join(map(str, unreadable[:3]))}{', ...' if len(unreadable) > 3 else ''})", flush=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

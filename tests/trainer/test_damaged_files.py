@@ -98,3 +98,19 @@ def test_truncated_run_state_offers_the_previous_checkpoint(tmp_path):
     _truncate(ckpt / "step10" / "run_state.pt", 0.4)
     with pytest.raises(CheckpointError, match=r"run_state.pt: cannot be read.*point .*latest at step5"):
         checkpoint.load(None, ckpt, DistContext(0, 1))
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"", b"step9\n"])
+def test_a_damaged_latest_pointer_is_named(tmp_path, content):
+    """Bytes that are not UTF-8 were a UnicodeDecodeError traceback on resume; every damaged pointer is
+    now the same one line, and eval/export find no checkpoint through it instead of failing."""
+    from mtpeft.run_dir import latest_checkpoint
+    from mtpeft.trainer.checkpoint import latest_tag
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step1").mkdir(parents=True)
+    (ckpt / "step1" / "run_state.pt").write_bytes(b"x")
+    (ckpt / "latest").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"latest: points at .*, which is not a complete checkpoint"):
+        latest_tag(ckpt)
+    assert latest_checkpoint(tmp_path) is None

@@ -52,3 +52,23 @@ def test_what_gloo_raises_when_a_peer_dies_or_hangs_is_recognised(mode):
             p.wait()
     results = [line.split() for line in out.splitlines() if line.startswith("RESULT")]
     assert results and results[0][2] == "True", (out, err[-2000:])
+
+
+def test_resume_log_keeps_readable_lines_up_to_the_checkpoint(tmp_path, capsys):
+    """A line cut by a crash, NUL bytes a file system left after a power loss, a byte that is not
+    UTF-8 or a record without a whole-number step was a traceback on resume; each is dropped, named
+    in one notice, and the steps past the checkpoint go as before."""
+    import json
+
+    from mtpeft.trainer.loop import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    log.write_bytes(b"\n".join([good[0].encode(), b'{"step": 2, "lo', good[1].encode(), b"\xff\xfe",
+                                b'{"step": "2"}', good[2].encode(), b"\x00\x00\x00\x00"]) + b"\n")
+    truncate_log(log, 2)
+    assert log.read_text() == good[0] + "\n" + good[1] + "\n"
+    out = capsys.readouterr().out
+    assert "dropped 4 line(s) that cannot be read (line 2, 4, 5, ...)" in out
+    truncate_log(log, 2)  # a clean log: nothing to say
+    assert log.read_text() == good[0] + "\n" + good[1] + "\n" and capsys.readouterr().out == ""
