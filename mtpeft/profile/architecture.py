@@ -233,7 +233,7 @@ def _trace_block_inputs(model: nn.Module, block: nn.Module,
     flags: Dict[str, bool] = {}
     inputs: Dict[str, torch.Tensor] = {}
     frozen = {p: p.requires_grad for p in model.parameters()}
-    training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    training, own = model.training, dict(vars(model.config))
     hooks = []
     try:
         for p in model.parameters():
@@ -259,10 +259,10 @@ def _trace_block_inputs(model: nn.Module, block: nn.Module,
         flags = {}
     finally:
         model.train(training)
-        if use_cache is None:
-            vars(model.config).pop("use_cache", None)
+        if "use_cache" in own:
+            model.config.use_cache = own["use_cache"]
         else:
-            model.config.use_cache = use_cache
+            vars(model.config).pop("use_cache", None)
         for h in hooks:
             h.remove()
         for p, wanted in frozen.items():
