@@ -47,6 +47,7 @@ SLOW = {
     "tests/kernels/test_kernel_nf4_lora_linear.py": "Triton interpreter against float64",
     "tests/kernels/test_kernel_lora_dy_pass.py": "Triton interpreter against float64",
     "tests/kernels/test_kernel_keyed_dropout.py": "Triton interpreter against float64",
+    "tests/kernels/test_kernel_outputs_in_place.py": "Triton interpreter against float64",
     "tests/quant/test_quant_linear.py::test_forward_backward_against_float64": "interpreter, float64",
     "tests/quant/test_quant_linear.py::test_quantize_model_llama_matches_dequantized_reference": "whole model",
     "tests/quant/test_quant_linear.py::test_triton_dequant_equals_bitsandbytes": "interpreter",

@@ -106,6 +106,21 @@ def empty_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device)
     return out
 
 
+def as_output(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A custom Function's 2-D result ``t`` (rows with one stride, columns contiguous) returned as
+    ``shape`` (leading dims, then ``t``'s columns) over the same memory, as a tensor autograd does not
+    count as a view. A view of a Function's own buffer may not be modified in place downstream (Falcon
+    adds its attention output into the MLP output, ``mlp_output += …``), and a copy would cost one more
+    pass over the output; nothing else in the Function keeps ``t``'s memory once it returns."""
+    shape = tuple(int(d) for d in shape)
+    strides = [t.stride(1)]
+    row = t.stride(0)
+    for d in reversed(shape[:-1]):
+        strides.insert(0, row)
+        row *= d
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, tuple(strides))
+
+
 @contextlib.contextmanager
 def poisoned_outputs() -> Iterator[None]:
     global _poison

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtpeft.kernels.backend import empty_output, use_triton
+from mtpeft.kernels.backend import as_output, empty_output, use_triton
 from mtpeft.kernels.triton_compat import autotune_configs, cast, dot, grouped_tile
 from mtpeft.kernels.bottleneck_adapter_reference import (
     ACTIVATIONS,
@@ -162,7 +162,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         ctx.param_dtypes = (down_w.dtype, None if down_b is None else down_b.dtype, up_w.dtype,
                             None if up_b is None else up_b.dtype)
         ctx.save_for_backward(h2, wd, wu, z)
-        return out.reshape(*lead, out_features)
+        return as_output(out, (*lead, out_features))  # not a view: the model may add into it in place
 
     @staticmethod
     def backward(ctx, dout):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtpeft.kernels.backend import empty_output, nf4_path, use_triton
+from mtpeft.kernels.backend import as_output, empty_output, nf4_path, use_triton
 from mtpeft.kernels.nf4_dequant import quant_kernel_args
 from mtpeft.kernels.keyed_dropout import keyed_dropout
 from mtpeft.kernels.lora_keyed_dropout import KeyedMask
@@ -268,7 +268,7 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[2:4]
         ctx.save_for_backward(lx2 if has_lora and need_a else None, xa if need_b else None, lora_A, lora_B, ia3,
                               ypre if store_pre else None)
-        return y.reshape(*lead, n)
+        return as_output(y, (*lead, n))  # not a view: the model may add into it in place
 
     @staticmethod
     def backward(ctx, dy):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from mtpeft.kernels.backend import as_output
 from mtpeft.kernels.dequant_workspace import dequant_workspace
 from mtpeft.kernels.lora_keyed_dropout import dropout_da, dropout_tail_, dropout_xa
 from mtpeft.kernels.lora_dy_pass import lora_dy_pass_triton
@@ -73,7 +74,7 @@ class DequantNF4LoRALinearFunction(torch.autograd.Function):
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (lora_A, lora_B, bias, ia3))
         need_a, need_b = ctx.needs_input_grad[2:4]
         ctx.save_for_backward(lx2 if has_lora and need_a else None, xa, lora_A, lora_B, ia3, ypre, keys)
-        return y.reshape(*lead, n)
+        return as_output(y, (*lead, n))  # not a view of `out`: the model may add into it in place
 
     @staticmethod
     def backward(ctx, dy):
