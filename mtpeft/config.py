@@ -149,6 +149,11 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
     """Read a YAML RunConfig (a path, or a shipped config's bare name such as ``demo``), apply
     ``a.b=value`` overrides and validate everything."""
     path = run_config(str(path))
+    if path.is_dir():
+        own = path / "config.yaml"
+        hint = (f"to continue or redo that run, pass {own}" if own.is_file() else
+                "pass the path of a YAML RunConfig file")
+        raise ConfigError(f"{path}: a folder, not a RunConfig; {hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML RunConfig "
                           f"or a shipped one ({', '.join(run_config_names())})")

@@ -180,6 +180,18 @@ def test_unknown_shipped_config_name(tmp_path, capsys, monkeypatch):
     assert "shipped one (analysis, codegen, demo, demo_nf4)" in _one_error(capsys, "train", "dmeo")
 
 
+@pytest.mark.parametrize("command", ["train", "profile", "compare"])
+def test_a_folder_given_as_the_config(tmp_path, capsys, monkeypatch, command):
+    """A run's folder where its config.yaml belongs is named, with the file to pass instead."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    line = _one_error(capsys, command, "run")
+    assert line == f"error: run: a folder, not a RunConfig; to continue or redo that run, pass {Path('run') / 'config.yaml'}"
+    assert "empty: a folder, not a RunConfig; pass the path of a YAML RunConfig file" in _one_error(capsys, command, "empty")
+
+
 def _process(*argv, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env(),
                           cwd=str(REPO))
