@@ -3,6 +3,9 @@ line before a run starts (it would otherwise wait on it forever); a build in pro
 
 import hashlib
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +95,73 @@ def test_a_run_stops_with_one_error_line_before_it_starts(tmp_path, capsys, monk
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {lock}: a DeepSpeed op build"), err
     assert _hashes(tmp_path) == before
     assert not (tmp_path / "d").exists()
+
+
+def test_a_lock_released_while_proc_is_read_is_a_load_that_ended(tmp_path, monkeypatch, capsys):
+    """The race CI hit: another rank loads the built op (torch takes the lock for a moment, the build
+    files are old) and lets go while this rank reads /proc."""
+    lock = _fake_build(tmp_path, age_s=360)
+    lock.touch()  # taken just now
+
+    def released_while_looking(path):
+        path.unlink()
+        return []
+
+    monkeypatch.setattr(extension_lock, "holders", released_while_looking)
+    assert check_extension_locks(tmp_path) == []
+    assert capsys.readouterr().err == ""
+
+
+def test_a_lock_taken_again_while_proc_is_read_is_left_alone(tmp_path, monkeypatch):
+    lock = _fake_build(tmp_path, age_s=360)
+
+    def taken_again(path):
+        path.unlink()
+        path.touch()  # another process's turn: a new file
+        return []
+
+    monkeypatch.setattr(extension_lock, "holders", taken_again)
+    assert check_extension_locks(tmp_path) == []
+    assert lock.exists()
+
+
+def test_a_lock_between_close_and_remove_is_not_reported(tmp_path, capsys):
+    """torch closes its lock, then removes it: a fresh unheld lock that goes within moments was a load."""
+    lock = _fake_build(tmp_path, age_s=360)
+    lock.touch()
+    timer = threading.Timer(0.1, lock.unlink)
+    timer.start()
+    try:
+        assert check_extension_locks(tmp_path) == []
+    finally:
+        timer.join()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_stale_lock_is_still_named_when_other_processes_load_ops_beside_it(tmp_path):
+    """Another op's lock coming and going does not hide a stale one."""
+    stale = _fake_build(tmp_path, op="cpu_adam")
+    _fake_build(tmp_path, op="deepspeed_shm_comm")
+    (tmp_path / "deepspeed_shm_comm" / "lock").unlink()
+    with pytest.raises(LaunchError, match=rf"{stale}: a DeepSpeed op build was interrupted"):
+        check_extension_locks(tmp_path)
+
+
+def test_torch_loads_in_another_process_never_look_stale(tmp_path):
+    """Another process takes and releases the lock through torch's own FileBaton, as each load of a built
+    op does, while this one checks over and over."""
+    lock = _fake_build(tmp_path, age_s=360)
+    lock.unlink()
+    loader = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom torch.utils.file_baton import FileBaton\n"
+        "end = time.time() + 2\nwhile time.time() < end:\n"
+        "    b = FileBaton(sys.argv[1])\n    if b.try_acquire():\n        time.sleep(0.002)\n        b.release()\n"
+    ), str(lock)])
+    try:
+        checks = 0
+        while loader.poll() is None:
+            assert check_extension_locks(tmp_path) == []
+            checks += 1
+    finally:
+        loader.wait()
+    assert checks > 10 and not lock.exists()
