@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 from pathlib import Path
+from typing import Iterator
 
 from mtpeft.errors import WriteError
 
@@ -53,3 +54,18 @@ def writing(path: Path, then: str = FREE_SPACE):
         if why is None:
             raise
         raise WriteError(f"{path}: cannot be written, {why}; {then}") from None
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path`` to write; it becomes ``path`` once written. A write that
+    fails is one WriteError naming ``path``, the previous file stays, and the temporary one is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with writing(path, f"the previous {path.name} (if any) is unchanged; {FREE_SPACE}"):
+            yield tmp
+            tmp.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -16,10 +16,11 @@ from typing import Iterable
 from mtpeft.errors import ConfigError
 
 # what a run writes into output.dir (trainer/recipe.py, checkpoint.py, run_log.py, evaluate.py, export.py,
-# transfer.py), with the temporary names of interrupted writes
+# transfer.py), with the temporary name of an interrupted log rewrite; NAME.tmp, what an interrupted
+# write through failed_writes.replacing leaves, counts as mtpeft's wherever NAME does
 RUN_FOLDER_NAMES = frozenset({
-    "config.yaml", "config.yaml.tmp", "log.jsonl", "log.tmp", "checkpoints", "tensorboard", "export",
-    "metrics.json", "metrics.json.tmp", "partition.json", "transfer.jsonl", "transfer.png"})
+    "config.yaml", "log.jsonl", "log.tmp", "checkpoints", "tensorboard", "export",
+    "metrics.json", "partition.json", "transfer.jsonl", "transfer.png"})
 TEMPORARY_PREFIXES = (".export.tmp-", ".export.old-")
 
 
@@ -53,7 +54,8 @@ def foreign_entries(path: Path, ours: Iterable[str]) -> list[str]:
     if not Path(path).is_dir():
         return []
     return sorted(p.name for p in Path(path).iterdir()
-                  if p.name not in ours and not p.name.startswith(TEMPORARY_PREFIXES))
+                  if p.name not in ours and p.name.removesuffix(".tmp") not in ours
+                  and not p.name.startswith(TEMPORARY_PREFIXES))
 
 
 def check_folder_is_ours(path: Path, option: str, ours: Iterable[str], force: bool) -> list[str]:

@@ -8,9 +8,7 @@ EFBIG on any disk. One tiny run (2 steps, a checkpoint at step 2) is trained onc
 
 import contextlib
 import hashlib
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from distributed import REPO, env, tiny_config
+from write_limits import file_size_limit
 from mtpeft.cli import main
 
 pytestmark = pytest.mark.distributed  # real DeepSpeed engines in subprocesses
@@ -76,19 +75,6 @@ def _tmpfs(where: Path, size_bytes: int):
         subprocess.run(["umount", str(where)], capture_output=True)
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit: int):
-    """This process may not grow a file past ``limit`` bytes: writes fail with EFBIG."""
-    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-        signal.signal(signal.SIGXFSZ, old_handler)
-
-
 def _checkpoint_survives(run: Path, before: dict, line: str) -> None:
     ckpt = run / "checkpoints"
     assert f"{ckpt / 'step4'}: cannot be written" in line and "still points at step2" in line, line
@@ -129,7 +115,7 @@ def test_export_past_a_file_size_limit_keeps_the_previous_export(run_at_step2, t
     out = tmp_path / "exported"
     shutil.copytree(run_at_step2["run"] / "export", out)
     before = _hashes(out)
-    with _file_size_limit(200_000):  # the adapter file is about 600 kB
+    with file_size_limit(200_000):  # the adapter file is about 600 kB
         code = main(["export", str(run_at_step2["run"]), "--out", str(out)])
     line = _error_line(code, capsys.readouterr().err)
     assert line.startswith(f"error: {out}: cannot be written") and "the previous export in" in line, line
@@ -154,7 +140,7 @@ def test_eval_metrics_past_a_file_size_limit_keep_the_previous_metrics(run_at_st
     shutil.copytree(run_at_step2["run"], run)
     (run / "metrics.json").write_text("{}\n" + " " * 200)  # the earlier metrics, bigger than the limit allows
     before = _hashes(run)
-    with _file_size_limit(100):
+    with file_size_limit(100):
         code = main(["eval", str(run)])
     line = _error_line(code, capsys.readouterr().err)
     assert line.startswith(f"error: {run / 'metrics.json'}: cannot be written"), line
@@ -170,6 +156,6 @@ def test_log_line_past_a_file_size_limit(tmp_path):
     log.step(record)
     log.metrics({}, 1)  # flushes TensorBoard's writer thread, which would otherwise write during the limit
     size = (tmp_path / "log.jsonl").stat().st_size
-    with _file_size_limit(size + 10), pytest.raises(WriteError, match=r"log.jsonl: cannot be written, the file-size"):
+    with file_size_limit(size + 10), pytest.raises(WriteError, match=r"log.jsonl: cannot be written, the file-size"):
         log.step({**record, "step": 2})
     log.close()

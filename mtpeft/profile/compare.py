@@ -178,7 +178,7 @@ def write_compare_report(out: Path, r: Dict[str, Any]) -> None:
           "multitask run, which goes first, also pays the process's one-time imports and process-group setup.", "", "## Per-task metrics (each run's metrics.json)", "",
           report.markdown_table(METRIC_HEADERS, metrics), "",
           "![metrics](compare_metrics.png)", "![cost](compare_cost.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
+    report.write_text(out / "report.md", "\n".join(md))
     slim = copy.deepcopy(r)
     for run in [slim["multitask"], *slim["single"].values()]:
         run.pop("records", None)

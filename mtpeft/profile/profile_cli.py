@@ -303,7 +303,7 @@ def write_profile_report(out: Path, r: dict, records: List[dict]) -> None:
           "FLOPs count a frozen base: forward, input-gradient backward (no weight gradients of the base), "
           "recomputation under gradient checkpointing, PEFT terms and attention (`mtpeft.profile.flops`).",
           "", "![memory](memory_breakdown.png)", "![throughput](throughput.png)", "![loss](loss_curves.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
+    report.write_text(out / "report.md", "\n".join(md))
     report.write_json(out / "report.json", r)
 
 

@@ -2,7 +2,9 @@
 Agg backend, so no display is needed) and TensorBoard scalars.
 
 Nothing here measures or decides; callers pass plain numbers, so every figure in a report can be
-traced to the JSON written beside it.
+traced to the JSON written beside it. Each file goes to a temporary name first and then replaces the
+previous one, so a full disk leaves the last complete report in place and ends in one error line that
+names the file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from mtpeft.failed_writes import FREE_SPACE, replacing, writing
 
 MIB = 1024**2
 
@@ -47,12 +51,23 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     return "\n".join(out)
 
 
+def write_text(path: Path, text: str) -> Path:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def write_json(path: Path, obj) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def _save_figure(plt, fig, path: Path) -> Path:
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _pyplot():
@@ -82,9 +97,7 @@ def grouped_bars(path: Path, title: str, series: Mapping[str, Mapping[str, float
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
 
 
 def stacked_bars(path: Path, title: str, bars: Mapping[str, Mapping[str, float]], ylabel: str,
@@ -106,9 +119,7 @@ def stacked_bars(path: Path, title: str, bars: Mapping[str, Mapping[str, float]]
     ax.legend(fontsize="small")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
 
 
 def loss_curves(path: Path, title: str, curves: Mapping[str, Mapping[str, Sequence[Tuple[int, float]]]]) -> Path:
@@ -133,9 +144,7 @@ def loss_curves(path: Path, title: str, curves: Mapping[str, Mapping[str, Sequen
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
 
 
 def task_curves(records: Iterable[dict]) -> Dict[str, List[Tuple[int, float]]]:
@@ -159,14 +168,15 @@ def tensorboard_scalars(log_dir: Path, scalars: Mapping[str, Optional[float]], s
     """Scalars (``None`` skipped) at ``step`` and optional curves, as TensorBoard events."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(log_dir))
-    try:
-        for tag, value in scalars.items():
-            if value is not None:
-                writer.add_scalar(tag, float(value), step)
-        for tag, points in (curves or {}).items():
-            for s, v in points:
-                writer.add_scalar(tag, float(v), int(s))
-    finally:
-        writer.close()
+    with writing(Path(log_dir), f"the event files already there are unchanged; {FREE_SPACE}"):
+        writer = SummaryWriter(log_dir=str(log_dir))
+        try:
+            for tag, value in scalars.items():
+                if value is not None:
+                    writer.add_scalar(tag, float(value), step)
+            for tag, points in (curves or {}).items():
+                for s, v in points:
+                    writer.add_scalar(tag, float(v), int(s))
+        finally:
+            writer.close()
     return Path(log_dir)

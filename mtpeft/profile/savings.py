@@ -329,5 +329,5 @@ def write_savings_report(out: Path, r: Dict[str, Any]) -> None:
           "## Multitask (one shared module) versus one PEFT module per task", "",
           report.markdown_table(mt_headers, mt_rows), "", mt["note"] + ".", "",
           "![memory](memory_breakdown.png)", "![throughput](throughput.png)", "![loss](loss_curves.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
+    report.write_text(out / "report.md", "\n".join(md))
     report.write_json(out / "report.json", r)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mtpeft.data.dist import DistContext
-from mtpeft.failed_writes import FREE_SPACE, writing
+from mtpeft.failed_writes import replacing
 
 
 def _rank_indices(n: int, ctx: DistContext) -> list[int]:
@@ -52,14 +52,8 @@ def evaluate(model, tasks: list, tok, ctx: DistContext, max_len: int, batch_size
 
 def write_metrics(metrics: dict, run_dir: Path) -> Path:
     path = run_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    with writing(path, f"the previous {path.name} (if any) is unchanged; {FREE_SPACE}"):
-        try:
-            tmp.write_text(json.dumps(metrics, indent=2))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
     return path
 
 

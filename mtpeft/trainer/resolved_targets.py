@@ -10,10 +10,9 @@ peft, ``tasks.json`` under ``peft.resolved``). The notice of an all-linear fallb
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from mtpeft.failed_writes import writing
+from mtpeft.failed_writes import replacing
 
 MARK = "# resolved on this backbone"
 
@@ -37,7 +36,5 @@ def record_resolved_targets(config_path: Path, tuner, model_type: str) -> None:
     if not block:
         return
     text = config_path.read_text().split(MARK, 1)[0].rstrip("\n") + "\n"
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    with writing(config_path):  # through a temporary name, as the config itself is written
+    with replacing(config_path) as tmp:  # as the config itself is written
         tmp.write_text(text + block)
-        os.replace(tmp, config_path)

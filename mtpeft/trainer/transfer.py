@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mtpeft.failed_writes import FREE_SPACE, replacing, writing
+
 _CHUNK = 1 << 22  # elements per float64 block, so the Gram never needs a float64 copy of everything
 
 
@@ -75,9 +77,10 @@ class GradientProbe:
         """Append ``{step, tasks, cosine}`` (NaN written as null) to a JSON-lines file."""
         cos = [[None if math.isnan(v) else round(v, 6) for v in row] for row in self.cosine_matrix()]
         path = Path(path_jsonl)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps({"step": int(step), "tasks": self.task_names, "cosine": cos}) + "\n")
+        with writing(path, f"the earlier lines are unchanged; {FREE_SPACE}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"step": int(step), "tasks": self.task_names, "cosine": cos}) + "\n")
 
 
 def plot(jsonl_path: str | Path, png_path: str | Path) -> Path:
@@ -106,7 +109,10 @@ def plot(jsonl_path: str | Path, png_path: str | Path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    try:
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(png_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return png_path

@@ -90,3 +90,26 @@ def test_bad_input_is_a_user_error(tmp_path):
     compare_cli.add_arguments(parser)
     with pytest.raises(UserError, match="at least two tasks"):
         compare_cli.run(parser.parse_args([str(one)]))
+
+
+def test_a_report_rewrite_past_a_file_size_limit_keeps_the_report(compared, tmp_path):
+    """Writing the report again where no file may grow past 1 kB (every report file is larger): one
+    WriteError naming the first file, and the folder's report files unchanged, byte for byte."""
+    import hashlib
+    import shutil
+
+    from write_limits import file_size_limit
+    from mtpeft.errors import WriteError
+    from mtpeft.profile.compare import write_compare_report
+
+    out, r = compared
+    copy = tmp_path / "report"
+    copy.mkdir()
+    for name in ("report.md", "compare.json", "compare_metrics.png", "compare_cost.png"):
+        shutil.copy(out / name, copy / name)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.iterdir()}
+    with file_size_limit(1000), pytest.raises(WriteError, match=rf"^{copy / 'compare_metrics.png'}: cannot be written"):
+        write_compare_report(copy, json.loads(json.dumps(r)))
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.iterdir()} == before
+    write_compare_report(copy, json.loads(json.dumps(r)))  # and without the limit, the same report again
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
