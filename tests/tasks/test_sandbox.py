@@ -41,7 +41,7 @@ def test_idle_program_is_killed_at_wall_clock_limit():
     # Sleeping uses no CPU, so only the wall-clock limit can end it, never before 1 s.
     r = run_program("import time\nwhile True:\n    time.sleep(0.01)\n", timeout_s=1.0)
     assert r.status == "timeout"
-    assert 1.0 <= r.seconds < 2.0
+    assert 1.0 <= r.seconds < 5.0  # the upper bound allows for a loaded machine
 
 
 def test_busy_loop_is_ended_by_whichever_limit_comes_first():
@@ -49,7 +49,7 @@ def test_busy_loop_is_ended_by_whichever_limit_comes_first():
     # loop a few milliseconds before the wall clock does, so only the upper bound is fixed.
     r = run_program("while True:\n    pass\n", timeout_s=1.0)
     assert r.status == "timeout"
-    assert 0.5 <= r.seconds < 2.0
+    assert 0.5 <= r.seconds < 5.0
 
 
 def test_cpu_limit_applies_before_wall_clock():
