@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mtpeft.config import RunConfig, dump_config
-from mtpeft.failed_writes import writing
+from mtpeft.failed_writes import replacing, writing
 from mtpeft.launch.extension_lock import check_extension_locks
 from mtpeft.kernels.backend import kernel_mode
 from mtpeft.launch.nvme import fill_nvme_paths
@@ -97,9 +97,9 @@ class Recipe:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 if not self.resume:
                     (self.run_dir / "log.jsonl").unlink(missing_ok=True)
-                # through a temporary name: a failed write never leaves a cut config.yaml for the resume check
-                dump_config(cfg, self.run_dir / "config.yaml.tmp")
-                os.replace(self.run_dir / "config.yaml.tmp", self.run_dir / "config.yaml")
+            # through a temporary name: a failed write never leaves a cut config.yaml for the resume check
+            with replacing(self.run_dir / "config.yaml") as tmp:
+                dump_config(cfg, tmp)
         if ctx.world > 1 and not self.resume:
             dist.barrier()  # nobody logs into the folder before rank 0 has cleared it
         if ctx.is_main:
