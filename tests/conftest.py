@@ -81,6 +81,8 @@ SLOW = {
     "tests/trainer/test_ds_configs.py::test_contradicting_value_is_one_error_line_exit_2": "CLI subprocesses",
     "tests/trainer/test_transfer.py::test_save_appends_and_plot_writes_a_png": "matplotlib",
     "tests/launch/test_launch_signals.py": "the launch scripts in subprocesses",
+    "tests/launch/test_extension_lock.py::test_torch_loads_in_another_process_never_look_stale":
+        "a second process imports torch and takes the lock for 2 s",
     "tests/test_cli_errors.py::test_console_script_prints_no_traceback": "console-script subprocess",
     "tests/test_cli_bad_input.py::test_demo_with_two_ranks_prints_a_config_error_once": "deepspeed launcher",
     "tests/test_packaging.py": "builds and installs a wheel",
